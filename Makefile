@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` (the main job on the built-in toy world) and `make test`.
+# Both create .venv when missing: torch first, pinned to the CPU wheel, then the project and its test
+# extras installed so that they keep that torch.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test test-all bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(TORCH)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llama2 demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
