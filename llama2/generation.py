@@ -1,0 +1,276 @@
+"""Batched sampling with the KV cache, and ``Llama``: a model with its tokenizer, loaded from any checkpoint.
+
+Prompts of different lengths are left-padded into one batch: each row's rotary positions start at 0 at its
+first real token, and an attention mask hides the pads, so a row decodes exactly as it would alone. Meta's
+reference instead right-pads and overwrites generated tokens with prompt tokens until every prompt is
+consumed; left padding does the prefill in one pass and never recomputes.
+
+Sampling defaults are Meta's chat defaults (temperature 0.6, top-p 0.9); temperature 0 is greedy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Transformer, causal_mask
+
+__all__ = ["GenerationConfig", "Completion", "sample_next", "generate", "TextStreamer", "Llama"]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    """Most tokens to generate per prompt (fewer when the context would overflow)."""
+    temperature: float = 0.6
+    """Softmax temperature; 0 means greedy (argmax). Meta's chat default is 0.6."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off). Applied before top_p."""
+    seed: int | None = None
+    """Seed of the sampling generator; the same seed, prompts and model give the same output."""
+    stop_tokens: tuple[int, ...] | None = None
+    """Token ids that end a sequence (kept in the output). None means the tokenizer's EOS."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end a sequence; the text is cut before them. Needs a tokenizer."""
+    logprobs: bool = False
+    """Also return the log-probability of each generated token under the model (temperature 1)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    """Generated ids (a stop token that ended the sequence is included; tokens of a stop string are not cut)."""
+    text: str | None = None
+    """Decoded text (cut before a stop string), when a tokenizer was given."""
+    logprobs: list[float] | None = None
+    finish_reason: str = "length"
+    """"stop" (a stop token or string), "length" (max_new_tokens) or "context" (max_seq_len reached)."""
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pick one token per row from (B, V) logits. Greedy at temperature 0; otherwise softmax(logits / T),
+    restricted to the top-k and then to the top-p nucleus (Holtzman et al., 2020; Meta's sample_top_p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k == 0 and top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+    if top_k > 0:
+        sorted_probs[:, top_k:] = 0.0
+    if top_p < 1.0:
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs[before > top_p * sorted_probs.sum(-1, keepdim=True)] = 0.0
+    sorted_probs /= sorted_probs.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return sorted_idx.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+    *,
+    tokenizer=None,
+    on_token: Callable[[int, int], None] | None = None,
+    **overrides,
+) -> list[Completion]:
+    """Continue each prompt (a list of token ids). Keyword overrides set GenerationConfig fields.
+
+    ``on_token(row, token_id)`` is called for every generated token as soon as it is sampled (streaming).
+    """
+    cfg = dataclasses.replace(config or GenerationConfig(), **overrides)
+    if not prompts:
+        return []
+    args = model.args
+    if args.head != "lm":
+        raise ValueError("generate needs a model with an LM head, not a scalar head")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty: start it with at least BOS")
+        if n >= args.max_seq_len:
+            raise ValueError(f"prompt {i} has {n} tokens; the model's context is {args.max_seq_len}")
+    if cfg.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer")
+    stop_tokens = cfg.stop_tokens
+    if stop_tokens is None:
+        stop_tokens = (tokenizer.eos_id,) if tokenizer is not None else ()
+    device = model.tok_embeddings.weight.device
+    B, P = len(prompts), max(lengths)
+    total = min(args.max_seq_len, P + cfg.max_new_tokens)
+    n_new = total - P
+
+    # Left-pad: row b's real tokens occupy columns pad[b]..P-1.
+    pad = torch.tensor([P - n for n in lengths], device=device)
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    ragged = bool(pad.any())
+    positions = (torch.arange(P, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, P)
+    if ragged:
+        valid = torch.arange(total, device=device)[None, :] >= pad[:, None]  # (B, total): key is a real token
+        # causal & real key; a pad query sees itself so its softmax is never over nothing (no NaN in the cache)
+        mask = (causal_mask(P, P, device)[None] & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+        mask = mask[:, None]  # (B, 1, P, P)
+    else:
+        valid, mask = None, None
+
+    gen = torch.Generator(device=device)
+    if cfg.seed is not None:
+        gen.manual_seed(cfg.seed)
+    else:
+        gen.seed()
+
+    cache = KVCache.for_model(model, B, total)
+    logits = model(tokens, 0, cache, mask, positions if ragged else None, last_only=True)[:, -1]  # (B, V)
+    out_tokens: list[list[int]] = [[] for _ in range(B)]
+    out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if cfg.logprobs else None
+    finish = ["length" if n_new == cfg.max_new_tokens else "context"] * B
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_t = torch.tensor(stop_tokens, dtype=torch.long, device=device) if stop_tokens else None
+    next_pos = positions[:, -1] + 1  # (B,)
+
+    for step in range(n_new):
+        nxt = sample_next(logits, cfg.temperature, cfg.top_p, cfg.top_k, gen)  # (B,)
+        if out_logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        nxt_list = nxt.tolist()
+        done_list = done.tolist()
+        for b in range(B):
+            if done_list[b]:
+                continue
+            out_tokens[b].append(nxt_list[b])
+            if out_logprobs is not None:
+                out_logprobs[b].append(lp[b])
+            if on_token is not None:
+                on_token(b, nxt_list[b])
+        newly = stop_t is not None and torch.isin(nxt, stop_t)
+        if newly is not False:
+            done |= newly
+        if cfg.stop_strings:
+            for b in range(B):
+                if not done_list[b] and _find_stop(tokenizer.decode(out_tokens[b][-32:]), cfg.stop_strings) >= 0:
+                    done[b] = True
+        for b in range(B):
+            if done[b] and not done_list[b]:
+                finish[b] = "stop"
+        if bool(done.all()) or step == n_new - 1:
+            break
+        start = P + step
+        step_mask = valid[:, None, None, : start + 1] if ragged else None  # (B, 1, 1, S)
+        step_pos = next_pos[:, None] if ragged else None
+        logits = model(nxt[:, None], start, cache, step_mask, step_pos, last_only=True)[:, -1]
+        next_pos = next_pos + 1
+
+    results = []
+    for b in range(B):
+        text = None
+        if tokenizer is not None:
+            ids = out_tokens[b]
+            if ids and ids[-1] in stop_tokens:
+                ids = ids[:-1]
+            text = tokenizer.decode(ids)
+            cut = _find_stop(text, cfg.stop_strings)
+            if cut >= 0:
+                text = text[:cut]
+        results.append(Completion(out_tokens[b], text, out_logprobs[b] if out_logprobs else None, finish[b]))
+    return results
+
+
+def _find_stop(text: str, stop_strings: Iterable[str]) -> int:
+    hits = [text.find(s) for s in stop_strings if s and s in text]
+    return min(hits) if hits else -1
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text deltas. SentencePiece pieces can end inside a multi-byte UTF-8
+    character (byte-fallback tokens), so text is released only when it no longer ends in a partial one."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def put(self, token_id: int) -> None:
+        if token_id in (self.tokenizer.eos_id, self.tokenizer.bos_id):
+            return
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.write(text[self.sent:])
+            self.sent = len(text)
+
+
+class Llama:
+    """A model and its tokenizer: load any checkpoint, generate, chat, save.
+
+    >>> llama = Llama.from_pretrained("path/to/checkpoint")          # native, Meta or Hugging Face dir, or .gguf
+    >>> llama.text_completion(["The capital of France is"], temperature=0)
+    >>> llama.chat_completion([[{"role": "user", "content": "Hi"}]])
+    """
+
+    def __init__(self, model: Transformer, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+
+    @property
+    def args(self):
+        return self.model.args
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> "Llama":
+        from .checkpoint import load
+
+        model, tokenizer = load(path, dtype=dtype, device=device)
+        model.eval()
+        return cls(model, tokenizer)
+
+    def save(self, path: str | Path, format: str = "native", **kwargs) -> Path:
+        from .checkpoint import save
+
+        return save(self.model, path, format=format, tokenizer=self.tokenizer, **kwargs)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; pass token ids or attach one (llama.tokenizer = ...)")
+        return self.tokenizer
+
+    def generate(self, prompts: Sequence[Sequence[int]], on_token=None, **config) -> list[Completion]:
+        return generate(self.model, prompts, GenerationConfig(**config), tokenizer=self.tokenizer, on_token=on_token)
+
+    def text_completion(self, prompts: Sequence[str], **config) -> list[str]:
+        tok = self._need_tokenizer()
+        ids = [tok.encode(p, bos=True) for p in prompts]
+        return [c.text for c in self.generate(ids, **config)]
+
+    def chat_completion(self, dialogs, on_token=None, **config) -> list[dict]:
+        """Next assistant message for each dialog (Meta's chat format, §3 and llama/generation.py)."""
+        from .chat import encode_dialog_prompt
+
+        tok = self._need_tokenizer()
+        ids = [encode_dialog_prompt(tok, d) for d in dialogs]
+        return [{"role": "assistant", "content": c.text.strip()} for c in self.generate(ids, on_token=on_token, **config)]
