@@ -1,0 +1,236 @@
+"""``llama2 <command>``: one subcommand per job, each a thin shell over the library.
+
+Generation options come from ``GenerationConfig`` and are given as ``key=value`` (e.g. ``temperature=0``)
+or read from ``--config FILE.yaml``; ``llama2 <command> --help`` lists every field with its default.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, describe, load_config
+
+# Heavy imports (torch, the model) happen inside the commands so that --help is instant.
+
+
+def _gen_config(args):
+    from .generation import GenerationConfig
+
+    return load_config(GenerationConfig, args.config, args.overrides)
+
+
+def _add_gen_options(p: argparse.ArgumentParser) -> None:
+    from .generation import GenerationConfig
+
+    p.add_argument("--config", help="YAML file of generation fields (below); key=value overrides win")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="generation fields, e.g. temperature=0 max_new_tokens=64")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.epilog = "generation fields (key=value):\n" + describe(GenerationConfig)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _load(args):
+    from .generation import Llama
+
+    t0 = time.perf_counter()
+    llama = Llama.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device)
+    if llama.tokenizer is None:
+        raise SystemExit(f"error: {args.ckpt} has no tokenizer.model; copy one into the checkpoint directory")
+    a = llama.args
+    print(
+        f"loaded {args.ckpt}: {llama.model.num_params() / 1e6:.1f}M parameters, dim {a.dim}, {a.n_layers} layers, "
+        f"{a.n_heads} heads / {a.n_kv_heads} kv heads, context {a.max_seq_len} ({time.perf_counter() - t0:.1f}s)",
+        file=sys.stderr,
+    )
+    return llama
+
+
+# -- convert ----------------------------------------------------------------------------------------------------
+def cmd_convert(args) -> None:
+    from .checkpoint import detect, load, save
+    from .tokenizer import Tokenizer
+
+    src_format = detect(args.src)
+    model, tok = load(args.src, dtype=args.dtype)
+    if args.tokenizer:
+        tok = Tokenizer.from_file(args.tokenizer)
+    kwargs = {}
+    if args.shards != 1:
+        if args.to != "meta":
+            raise SystemExit("error: --shards applies to --to meta only")
+        kwargs["shards"] = args.shards
+    if args.gguf_type:
+        kwargs["dtype"] = args.gguf_type
+    out = save(model, args.dst, format=args.to, tokenizer=tok, **kwargs)
+    print(f"converted {args.src} ({src_format}) -> {out} ({args.to}), {model.num_params() / 1e6:.1f}M parameters"
+          + ("" if tok is not None else "; no tokenizer found, none written"))
+
+
+# -- generate ---------------------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    from .chat import encode_dialog_prompt
+    from .generation import TextStreamer
+
+    cfg = _gen_config(args)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"error: prompt file not found: {path}")
+        prompts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or a --prompt-file")
+    llama = _load(args)
+    tok = llama.tokenizer
+    if args.chat:
+        ids = []
+        for p in prompts:
+            dialog = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}]
+            ids.append(encode_dialog_prompt(tok, dialog))
+    else:
+        ids = [tok.encode(p, bos=True) for p in prompts]
+    stream = len(prompts) == 1 and not args.no_stream
+    streamer = TextStreamer(tok, lambda s: print(s, end="", flush=True)) if stream else None
+    if stream and not args.chat:
+        print(prompts[0], end="", flush=True)
+    t0 = time.perf_counter()
+    outs = llama.generate(ids, on_token=(lambda row, t: streamer.put(t)) if streamer else None, **vars(cfg))
+    dt = time.perf_counter() - t0
+    n = sum(len(o.tokens) for o in outs)
+    if stream:
+        print()
+    else:
+        for p, o in zip(prompts, outs):
+            print(f"=== {p}\n{o.text}\n")
+    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s; finish: {', '.join(o.finish_reason for o in outs)}]", file=sys.stderr)
+
+
+# -- chat -------------------------------------------------------------------------------------------------------
+def fit_dialog(tokenizer, dialog: list[dict], budget: int) -> tuple[list[dict], list[int], int]:
+    """Drop the oldest user/assistant exchanges (never the system message or the last user turn) until the
+    prompt leaves ``budget`` tokens... i.e. until len(prompt ids) <= budget. Returns the kept dialog, its
+    ids and how many exchanges were dropped. Raises ValueError if the last user turn alone does not fit."""
+    from .chat import encode_dialog_prompt
+
+    system = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
+    turns = dialog[len(system):]
+    dropped = 0
+    while True:
+        ids = encode_dialog_prompt(tokenizer, system + turns)
+        if len(ids) <= budget:
+            return system + turns, ids, dropped
+        if len(turns) <= 1:
+            raise ValueError(f"the message alone is {len(ids)} tokens; at most {budget} fit with the reply budget")
+        turns = turns[2:]
+        dropped += 1
+
+
+def cmd_chat(args) -> None:
+    from .generation import TextStreamer
+
+    cfg = _gen_config(args)
+    llama = _load(args)
+    tok = llama.tokenizer
+    if cfg.max_new_tokens >= llama.args.max_seq_len:
+        raise SystemExit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room in a {llama.args.max_seq_len}-token context")
+    dialog: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input("\nyou> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not user.strip():
+            continue
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if user.strip() == "/reset":
+            dialog = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
+            print("(dialog reset)", file=sys.stderr)
+            continue
+        candidate = dialog + [{"role": "user", "content": user}]
+        try:
+            kept, ids, dropped = fit_dialog(tok, candidate, llama.args.max_seq_len - cfg.max_new_tokens)
+        except ValueError as e:
+            print(f"(message not sent: {e})", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"(context full: dropped the {dropped} oldest exchange(s))", file=sys.stderr)
+        print("assistant> " if interactive else "", end="", flush=True)
+        streamer = TextStreamer(tok, lambda s: print(s, end="", flush=True))
+        out = llama.generate([ids], on_token=lambda row, t: streamer.put(t), **vars(cfg))[0]
+        print(flush=True)
+        dialog = kept + [{"role": "assistant", "content": out.text.strip()}]
+
+
+# -- demo -------------------------------------------------------------------------------------------------------
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama2",
+        description="The Llama 2 recipe (Touvron et al., 2023): model, checkpoints, generation and chat.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("convert", help="convert a checkpoint between native, Meta, Hugging Face and GGUF formats",
+                       description="Read a checkpoint in any supported format (detected) and write it in another.")
+    p.add_argument("src", help="checkpoint directory (native, Meta params.json + consolidated.*.pth, HF config.json + safetensors) or .gguf file")
+    p.add_argument("dst", help="output directory (or .gguf file for --to gguf)")
+    p.add_argument("--to", required=True, choices=["native", "meta", "hf", "gguf"], help="output format")
+    p.add_argument("--shards", type=int, default=1, help="model-parallel shards for --to meta (consolidated.00.pth ...)")
+    p.add_argument("--dtype", default=None, help="convert weights to float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--gguf-type", default=None, choices=["f32", "f16"], help="tensor type for --to gguf (default f32)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (.model or .gguf) to write alongside, if SRC has none")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="complete prompts (plain or in the chat format)",
+                       description="Generate continuations of prompts with the KV cache. One prompt streams as it is generated.")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", help="a text file, one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the Llama 2 chat format")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    _add_gen_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the Llama 2 chat format",
+                       description="Chat with a model. The dialog is kept across turns; when it would overflow the "
+                       "context, the oldest exchanges are dropped (and you are told).")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--system", default=None, help="system prompt, folded into the first user turn as <<SYS>>...<</SYS>>")
+    _add_gen_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
