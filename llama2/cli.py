@@ -57,7 +57,7 @@ def cmd_convert(args) -> None:
     model, tok = load(args.src, dtype=args.dtype)
     if args.tokenizer:
         tok = Tokenizer.from_file(args.tokenizer)
-    kwargs = {}
+    kwargs = {"overwrite": args.overwrite}
     if args.shards != 1:
         if args.to != "meta":
             raise SystemExit("error: --shards applies to --to meta only")
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="convert weights to float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--gguf-type", default=None, choices=["f32", "f16"], help="tensor type for --to gguf (default f32)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (.model or .gguf) to write alongside, if SRC has none")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it is already a checkpoint")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="complete prompts (plain or in the chat format)",

@@ -2,7 +2,7 @@
 
 Writes a small seeded corpus, trains a Llama-style tokenizer on it, fits a tiny Llama 2 model for a few
 hundred steps so its greedy output is recognisable, then converts it through every checkpoint format
-(native -> Hugging Face -> Meta in 2 shards -> GGUF -> native), reloading each and checking the logits agree,
+(native -> Hugging Face -> Meta in 2 shards -> GGUF), reloading each and checking the logits agree,
 and generates from the final copy. ``llama2 pipeline`` (the whole recipe on the toy world) will replace this
 as ``make run``'s job.
 """
@@ -78,14 +78,13 @@ def run_demo(out: Path, seed: int = 0, steps: int = 300) -> dict:
     probe = torch.tensor([tok.encode("On Sunday Ada walked to", bos=True)])
     with torch.inference_mode():
         ref = model(probe)
-    path = save(model, out / "native", format="native", tokenizer=tok)
+    path = save(model, out / "native", format="native", tokenizer=tok, overwrite=True)
     print("3. checkpoints (each reloaded, logits compared with the original):")
-    chain = [("hf", out / "hf", {}), ("meta", out / "meta", {"shards": 2}), ("gguf", out / "model.gguf", {}),
-             ("native", out / "final", {})]
+    chain = [("hf", out / "hf", {}), ("meta", out / "meta", {"shards": 2}), ("gguf", out / "model.gguf", {})]
     report = {}
     for fmt, dst, kw in chain:
         m, t = load(path)
-        path = save(m, dst, format=fmt, tokenizer=t, **kw)
+        path = save(m, dst, format=fmt, tokenizer=t, overwrite=True, **kw)
         m2, _ = load(path)
         with torch.inference_mode():
             diff = (m2(probe) - ref).abs().max().item()
@@ -94,6 +93,9 @@ def run_demo(out: Path, seed: int = 0, steps: int = 300) -> dict:
         if diff > 1e-4:
             raise RuntimeError(f"{fmt} round trip changed the logits by {diff}")
 
+    # Meta's params.json has no context length (Meta passes max_seq_len at load time), so the final copy is
+    # written from the trained model itself rather than from the end of the chain.
+    save(model, out / "final", format="native", tokenizer=tok, overwrite=True)
     llama = Llama.from_pretrained(out / "final")
     print("4. generation (greedy, KV cache; a batch of prompts of different lengths):")
     prompts = ["On Sunday Ada walked to", "Cleo has 3 apples and buys 4 more, so", "At the mill,"]
