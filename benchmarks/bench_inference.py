@@ -37,32 +37,12 @@ GOALS = {"prefill": 1.0, "decode": 1.5}
 
 
 # -- the reference model -------------------------------------------------------------------------------------
-def _permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Meta's interleaved rotary pairs -> HF's half-split layout (HF's convert_llama_weights_to_hf permute)."""
-    out, inp = w.shape
-    return w.view(heads, out // heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
-
-
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    a = model.args
-    sd = model.state_dict()
-    hf = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
-    }
-    for i in range(a.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        hf[q + "self_attn.q_proj.weight"] = _permute_qk(sd[p + "attention.wq.weight"], a.n_heads)
-        hf[q + "self_attn.k_proj.weight"] = _permute_qk(sd[p + "attention.wk.weight"], a.n_kv_heads)
-        hf[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
-        hf[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
-        hf[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
-        hf[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
-        hf[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
-        hf[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
-        hf[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
-    return {k: v.clone() for k, v in hf.items()}
+    """Our weights under HF's names, q/k permuted: the same mapping `llama2 convert --to hf` writes (the
+    logits check below confirms both models compute the same function)."""
+    from llama2.checkpoint.hf import hf_tensors
+
+    return {k: v.clone() for k, v in hf_tensors(model)}
 
 
 def build_hf(model: Transformer):

@@ -229,7 +229,8 @@ def _tokenizer_files(tokenizer, args: ModelArgs) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 
-def _hf_tensors(model: Transformer):
+def hf_tensors(model: Transformer):
+    """(HF name, tensor) for every weight, q/k rows permuted to HF's rotary layout."""
     args = model.args
     for name, t in model.state_dict().items():
         t = t.detach()
@@ -263,7 +264,7 @@ def save(
     config = config_json(args, dtype_)
     config.update(bos_token_id=generation_config["bos_token_id"], eos_token_id=generation_config["eos_token_id"])
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        write_safetensors(tmp, _hf_tensors(model), max_shard_bytes=max_shard_bytes, dtype=dtype_)
+        write_safetensors(tmp, hf_tensors(model), max_shard_bytes=max_shard_bytes, dtype=dtype_)
         write_json(tmp / CONFIG_FILE, config)
         write_json(tmp / "generation_config.json", generation_config)
         if tokenizer is not None:
