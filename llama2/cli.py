@@ -176,6 +176,29 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), seed=args.seed)
 
 
+# -- prepare ----------------------------------------------------------------------------------------------------
+def cmd_prepare(args) -> None:
+    import dataclasses
+
+    from .data.prepare import PrepareConfig, prepare
+
+    cfg = load_config(PrepareConfig, args.config, args.overrides)
+    flags = {"out": args.out, "tokenizer": args.tokenizer, "force": args.force or None, "skip_bad": args.skip_bad or None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.inputs:
+        cfg = dataclasses.replace(cfg, inputs=list(cfg.inputs) + list(args.inputs))
+    if not cfg.inputs or not cfg.out or not cfg.tokenizer:
+        raise SystemExit("error: give inputs (--input or inputs=...), --out and --tokenizer")
+    m = prepare(cfg)
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    bad = f"; skipped {m['bad']['count']} bad record(s)" if m["bad"]["count"] else ""
+    print(f"{cfg.out}: train {tr['tokens']:,} tokens / {tr['documents']:,} documents in {len(tr['shards'])} shard(s), "
+          f"val {va['tokens']:,} tokens / {va['documents']:,} documents ({m['dtype']}, vocab {m['vocab_size']}){bad}")
+    if cfg.val_fraction > 0 and va["documents"] == 0:
+        print("warning: no document went to validation (too few documents? plain text splits documents at blank "
+              "lines); raise val_fraction or give more documents", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama2",
@@ -214,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt, folded into the first user turn as <<SYS>>...<</SYS>>")
     _add_gen_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("prepare", help="tokenize text / JSONL corpora into token shards for pretraining",
+                       description="Tokenize documents ([BOS] + ids + [EOS]) into flat uint16/uint32 shards plus a "
+                       "manifest.json, split into train/val by a seeded hash of each document. A rerun with unchanged "
+                       "inputs, tokenizer and settings does nothing.")
+    p.add_argument("--input", dest="inputs", action="append", metavar="PATH",
+                   help="a file, directory or glob (repeat); added to inputs=... from --config / overrides")
+    p.add_argument("--out", default=None, help="output directory (same as out=...)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer .model or .gguf (same as tokenizer=...)")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date (same as force=true)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad input instead of failing (same as skip_bad=true)")
+    p.add_argument("--config", help="YAML file of prepare fields (below); key=value overrides win")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="prepare fields, e.g. val_fraction=0.01 shard_tokens=16777216")
+    from .data.prepare import PrepareConfig
+
+    p.epilog = "prepare fields (key=value):\n" + describe(PrepareConfig)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")
