@@ -199,6 +199,18 @@ def cmd_prepare(args) -> None:
               "lines); raise val_fraction or give more documents", file=sys.stderr)
 
 
+# -- pretrain ---------------------------------------------------------------------------------------------------
+def cmd_pretrain(args) -> None:
+    from .train.pretrain import PretrainConfig, pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    result = pretrain(cfg)
+    last = result["history"][-1] if result["history"] else None
+    if last:
+        val = f", val loss {last['val_loss']:.3f} (ppl {last['val_ppl']:.1f})" if "val_loss" in last else ""
+        print(f"step {last['step']}: loss {last['loss']:.3f}{val}; model in {cfg.out} (llama2 generate --ckpt {cfg.out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama2",
@@ -255,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = "prepare fields (key=value):\n" + describe(PrepareConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="pretrain on token shards (AdamW 0.9/0.95, warmup + cosine to 10%%, clip 1.0)",
+                       description="Next-token pretraining on `llama2 prepare` shards with the paper's optimizer and "
+                       "schedule (Llama 2 section 2.2). Checkpoints go to OUT/checkpoints; OUT itself holds the latest "
+                       "model. resume=true continues exactly where the newest checkpoint left off.")
+    p.add_argument("--config", help="YAML file of pretrain fields (below), e.g. configs/pretrain/toy.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="pretrain fields, e.g. data=runs/shards max_steps=500")
+    from .train.pretrain import PretrainConfig
+
+    p.epilog = "pretrain fields (key=value):\n" + describe(PretrainConfig)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")
