@@ -136,7 +136,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     # -- the loop ------------------------------------------------------------------------------------------
     history = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    step = start_step
+    completed = start_step  # optimizer steps applied to the weights so far
     try:
         from tqdm import tqdm
 
@@ -156,6 +156,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            completed = step + 1
             dt = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": cfg.batch_tokens / dt}
             done = step + 1 == cfg.max_steps
@@ -171,8 +172,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 _checkpoint(model, tokenizer, opt, out, step + 1, cfg.keep_last)
         bar.close()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: saving step {step}", file=sys.stderr)
-        _checkpoint(model, tokenizer, opt, out, step, cfg.keep_last)
+        # Gradients of a half-accumulated step are dropped; the weights are exactly `completed` steps in.
+        print(f"\ninterrupted: saving step {completed}", file=sys.stderr)
+        opt.zero_grad(set_to_none=True)
+        _checkpoint(model, tokenizer, opt, out, completed, cfg.keep_last)
         raise
     finally:
         log.close()
