@@ -149,8 +149,8 @@ def generate(
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if cfg.logprobs else None
     finish = ["length" if n_new == cfg.max_new_tokens else "context"] * B
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_t = torch.tensor(stop_tokens, dtype=torch.long, device=device) if stop_tokens else None
+    done = [False] * B  # rows that hit a stop token or string keep decoding (in the batch) but record nothing
+    stop_set = set(stop_tokens)
     next_pos = positions[:, -1] + 1  # (B,)
 
     for step in range(n_new):
@@ -158,26 +158,18 @@ def generate(
         if out_logprobs is not None:
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
         nxt_list = nxt.tolist()
-        done_list = done.tolist()
         for b in range(B):
-            if done_list[b]:
+            if done[b]:
                 continue
-            out_tokens[b].append(nxt_list[b])
+            t = nxt_list[b]
+            out_tokens[b].append(t)
             if out_logprobs is not None:
                 out_logprobs[b].append(lp[b])
             if on_token is not None:
-                on_token(b, nxt_list[b])
-        newly = stop_t is not None and torch.isin(nxt, stop_t)
-        if newly is not False:
-            done |= newly
-        if cfg.stop_strings:
-            for b in range(B):
-                if not done_list[b] and _find_stop(tokenizer.decode(out_tokens[b][-32:]), cfg.stop_strings) >= 0:
-                    done[b] = True
-        for b in range(B):
-            if done[b] and not done_list[b]:
-                finish[b] = "stop"
-        if bool(done.all()) or step == n_new - 1:
+                on_token(b, t)
+            if t in stop_set or (cfg.stop_strings and _find_stop(tokenizer.decode(out_tokens[b][-32:]), cfg.stop_strings) >= 0):
+                done[b], finish[b] = True, "stop"
+        if all(done) or step == n_new - 1:
             break
         start = P + step
         step_mask = valid[:, None, None, : start + 1] if ragged else None  # (B, 1, 1, S)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -226,15 +226,11 @@ class Attention(nn.Module):
         # SDPA wants heads before time; the transposes are views. GQA: each KV head serves n_heads/n_kv_heads
         # query heads, shared inside the kernel (enable_gqa) instead of copying K and V that many times.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
-        gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            # Plain causal: SDPA's is_causal aligns to the top-left, which is right only without a cache offset.
-            is_causal = T > 1
-            if is_causal and k.shape[2] != T:
-                mask, is_causal = causal_mask(T, k.shape[2], device=x.device), False
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # mask None: plain causal (the caller builds an explicit mask whenever cached keys precede T > 1 queries,
+        # since SDPA's is_causal aligns to the top-left); one query (decoding) needs no mask at all.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.wo(out)
 
@@ -354,6 +350,8 @@ class Transformer(nn.Module):
         cos, sin = self._rope(T, start_pos, position_ids)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S)
+        if mask is None and cache is not None and start_pos > 0 and T > 1:
+            mask = causal_mask(T, start_pos + T, device=tokens.device)  # built once, shared by every layer
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:

@@ -76,6 +76,7 @@ class PretrainConfig:
 
 def sample_batch(ds: TokenDataset, seq_len: int, n: int, seed: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random windows of seq_len + 1 tokens, a function of (seed, step, micro) only."""
+    # hash() of a tuple of ints is stable across processes (PYTHONHASHSEED only salts str/bytes)
     g = torch.Generator().manual_seed(hash((seed, step, micro)) & 0x7FFFFFFF)
     starts = torch.randint(0, len(ds) - seq_len - 1, (n,), generator=g).tolist()
     rows = torch.stack([torch.from_numpy(ds.read(s, seq_len + 1)) for s in starts])
@@ -85,7 +86,7 @@ def sample_batch(ds: TokenDataset, seq_len: int, n: int, seed: int, step: int, m
 @torch.no_grad()
 def evaluate(model, ds: TokenDataset, cfg: PretrainConfig, device) -> float:
     model.eval()
-    losses = []
+    losses = []  # the same validation windows every time (step 0), so evaluations are comparable
     for i in range(cfg.eval_batches):
         x, y = sample_batch(ds, cfg.seq_len, cfg.micro_batch, cfg.seed + 1, 0, i)
         losses.append(F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten()).item())
