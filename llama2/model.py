@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import fused_linear_cross_entropy
+
 if TYPE_CHECKING:  # pragma: no cover
     from .kv_cache import KVCache
 
@@ -368,10 +370,26 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         last_only: bool = False,
+        *,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for the LM head, values (B, T) for the scalar head. ``last_only`` computes the
-        head for the last position only (B, 1, ...), which is all decoding needs."""
+        head for the last position only (B, 1, ...), which is all decoding needs.
+
+        With ``targets`` (B, T) (LM head only), returns instead the scalar mean next-token cross-entropy over the
+        positions whose target is not ``ignore_index``; targets[b, t] is the label of position t (the caller
+        shifts). The head and the loss are fused (``llama2.ops.fused_linear_cross_entropy``), so the (B*T, vocab)
+        logits are never kept for the backward. The loss is computed here rather than by the caller because
+        under FSDP the root module's parameters (the output head among them) are only gathered inside forward.
+        """
+        if targets is not None and self.args.head != "lm":
+            raise ValueError("targets need the LM head; this model has a scalar head")
+        if targets is not None and last_only:
+            raise ValueError("targets score every position; last_only cannot be combined with them")
         h = self.hidden_states(tokens, start_pos, cache, mask, position_ids)
+        if targets is not None:
+            return fused_linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), ignore_index)
         if last_only:
             h = h[:, -1:]
         out = self.output(h)
