@@ -6,6 +6,7 @@ or read from ``--config FILE.yaml``; ``llama2 <command> --help`` lists every fie
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -205,10 +206,40 @@ def cmd_pretrain(args) -> None:
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return
     last = result["history"][-1] if result["history"] else None
     if last:
         val = f", val loss {last['val_loss']:.3f} (ppl {last['val_ppl']:.1f})" if "val_loss" in last else ""
         print(f"step {last['step']}: loss {last['loss']:.3f}{val}; model in {cfg.out} (llama2 generate --ckpt {cfg.out})")
+    if result.get("stopped"):
+        raise SystemExit(130)  # interrupted: saved and resumable, but not finished
+
+
+# -- sft --------------------------------------------------------------------------------------------------------
+def cmd_sft(args) -> None:
+    from .train.sft import SFTConfig, sft
+
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    result = sft(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    last = result["history"][-1] if result["history"] else None
+    if last:
+        val = f", val loss {last['val_loss']:.3f}" if "val_loss" in last else ""
+        print(f"step {last['step']} (epoch {last['epoch']:.2f}): loss {last['loss']:.3f}{val}; model in {cfg.out} "
+              f"(llama2 chat --ckpt {cfg.out})")
+    if result.get("stopped"):
+        raise SystemExit(130)
+
+
+def _stage_parser(sub, name: str, cls: type, help: str, description: str, example: str, func) -> None:
+    """A training stage's subcommand: --config YAML plus key=value overrides, every field listed in --help."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"YAML file of {name} fields (below), e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{name} fields, e.g. out=runs/{name} resume=true")
+    p.epilog = f"{name} fields (key=value):\n" + describe(cls)
+    p.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = "pretrain fields (key=value):\n" + describe(PretrainConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=cmd_pretrain)
+
+    from .train.sft import SFTConfig
+
+    _stage_parser(sub, "sft", SFTConfig, "supervised fine-tuning on dialogs, loss on the answers only (paper section 3.1)",
+                  "Fine-tune a pretrained checkpoint on chat-formatted dialogs (JSONL). System and user tokens carry no "
+                  "loss; dialogs are packed into seq_len rows with attention kept inside each dialog. Works alone or "
+                  "under torchrun (fsdp/ddp) like pretrain.", "configs/sft/toy.yaml", cmd_sft)
 
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")

@@ -2,14 +2,12 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama2 import Llama
-from llama2.data.prepare import PrepareConfig, prepare
-from llama2.demo import demo_corpus
-from llama2.tokenizer import train_tokenizer
 from llama2.train.common import lr_at, make_optimizer
 from llama2.train.pretrain import PretrainConfig, pretrain
 
@@ -36,13 +34,9 @@ def test_optimizer_is_the_papers_adamw():
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pre")
-    (d / "corpus.txt").write_text(demo_corpus(0, 1500).replace(".\n", ".\n\n"))
-    train_tokenizer([d / "corpus.txt"], 400, d / "tok.model")
-    prepare(PrepareConfig(inputs=[str(d / "corpus.txt")], out=str(d / "shards"), tokenizer=str(d / "tok.model"), val_fraction=0.05), quiet=True)
-    return d / "shards"
+@pytest.fixture
+def shards(pretrain_shards):
+    return pretrain_shards
 
 
 def cfg(shards, out, **kw):
@@ -74,6 +68,14 @@ def test_output_is_a_loadable_model_with_metrics(shards, tmp_path):
     recs = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in recs)
+    assert all(0 < r["mfu"] < 1 and r["peak_mem_gib"] > 0 for r in recs)
+    # the same records for TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "o" / "tb"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in ea.Scalars("loss")] == pytest.approx([r["loss"] for r in recs])
 
 
 def test_bad_settings_are_rejected(shards, tmp_path):
@@ -81,3 +83,28 @@ def test_bad_settings_are_rejected(shards, tmp_path):
         pretrain(cfg(shards, tmp_path / "x", batch_tokens=500))
     with pytest.raises(ValueError, match="manifest"):
         pretrain(cfg(tmp_path, tmp_path / "x"))
+
+
+def test_ctrl_c_saves_the_last_step_and_resumes(shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "int"
+    args = [f"{k}={v}" for k, v in vars(cfg(shards, out, max_steps=10_000, save_every=10_000, eval_every=0, tensorboard=False)).items()]
+    p = subprocess.Popen([sys.executable, "-m", "llama2.cli", "pretrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    done = len(metrics.read_text().splitlines())
+    assert (out / "checkpoints" / f"step_{done:06d}" / "trainer_state.pt").is_file(), err[-2000:]
+    assert Llama.from_pretrained(out).model is not None
+    resumed = pretrain(cfg(shards, out, max_steps=done + 2, resume=True, tensorboard=False))["history"]
+    assert [r["step"] for r in resumed] == [done + 1, done + 2]
