@@ -34,7 +34,10 @@ from .reward import (
     ranking_loss,
 )
 
+from . import gatt  # Ghost Attention data: instructions with rule checkers, training dialogs, adherence
+
 __all__ = [
+    "gatt",
     "RATINGS",
     "MARGINS",
     "TABLE8_BUCKETS",
