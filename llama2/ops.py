@@ -17,8 +17,9 @@ also the gradient with respect to the logits, softmax - onehot(target), scaled b
 ignored rows. That gradient is turned at once into the chunk's share of the input gradient (g @ W) and added
 into the weight gradient (g^T h); then the chunk's logits are dropped. Only the two gradients, (N, C) and
 (V, C), are kept for the backward, which just scales them by the incoming gradient. Peak memory for the head
-drops from several N x V tensors to one n x V chunk, and the logits are written and read once instead of
-five or six times.
+drops from several N x V tensors to one n x V chunk, worked on in place (max, exp, sum, scale: no second
+n x V tensor is allocated). On a 2-core CPU, forward + backward of the head of an 8 x 256-token batch
+(C 512, V 32000) took 2.09 s against 2.46 s for the plain path (benchmarks/RESULTS.md, training step).
 
 The price: the gradients are computed even if ``backward`` is never called (so the function skips them when
 no input requires grad), and it fits a scalar loss that is backpropagated once, which is what training does.
@@ -59,15 +60,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ w.T).float()  # (n, V), fp32 for the softmax (a no-op cast in fp32)
             y, ok = targets[s : s + n], valid[s : s + n]
             y = torch.where(ok, y, 0)  # any class for ignored rows; they are masked below
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+            target_logit = logits.gather(1, y[:, None])  # (n, 1), read before the in-place ops below
+            # log-sum-exp and softmax sharing one exp pass, in place on the chunk (torch.logsumexp would make
+            # two more (n, V) temporaries, and the softmax would need another exp pass)
+            m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            e = logits.sub_(m).exp_()  # exp(logit - max), in (0, 1]
+            sum_e = e.sum(dim=-1, keepdim=True)  # (n, 1)
+            nll = (m + sum_e.log() - target_logit).squeeze(1)  # log-sum-exp - target logit, (n,)
             loss_sum += torch.where(ok, nll, 0.0).sum()
             if grad_h is None and grad_w is None:
                 continue
             # d loss / d logits = (softmax - onehot) / count on scored rows, 0 on ignored ones; in place
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, y[:, None], torch.full((n, 1), -1.0, dtype=g.dtype, device=g.device))
-            g.mul_(torch.where(ok, scale, 0.0)[:, None])
+            row_scale = torch.where(ok, scale, 0.0)[:, None]  # (n, 1)
+            g = e.mul_(row_scale / sum_e)
+            g.scatter_add_(1, y[:, None], -row_scale)
             g = g.to(compute_dtype)
             if grad_h is not None:
                 grad_h[s : s + n] = g @ w  # (n, C)

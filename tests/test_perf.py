@@ -33,12 +33,14 @@ def test_matmul_flops_positive_and_cached():
 def test_peak_memory_grows_after_a_big_allocation():
     # in a fresh process, so the peaks of other tests do not hide the growth
     code = (
-        "import torch; from llama2.perf import peak_memory_bytes, current_rss_bytes\n"
+        "import torch; from llama2.perf import peak_memory_bytes, current_rss_bytes, reset_peak_memory\n"
         "before = peak_memory_bytes('cpu')\n"
         "x = torch.ones(64 << 20)  # 256 MiB, every page touched\n"
         "print(before, peak_memory_bytes('cpu'), current_rss_bytes())\n"
+        "del x; reset_peak_memory('cpu'); print(peak_memory_bytes('cpu'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    before, after, rss = map(int, out.split())
+    before, after, rss, after_reset = map(int, out.split())
     assert before > 0 and after - before >= 200 << 20 and rss >= 256 << 20
+    assert after_reset < after - (200 << 20)  # the freed tensor no longer counts towards the new peak
     assert peak_memory_bytes() >= current_rss_bytes() > 0
