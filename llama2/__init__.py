@@ -4,9 +4,10 @@ from .kv_cache import KVCache
 from .tokenizer import Tokenizer, train_tokenizer
 from . import chat
 from .generation import Llama, generate, GenerationConfig
+from .rlhf.reward_model import RewardModel
 
 __version__ = "0.1.0"
 __all__ = [
     "ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "train_tokenizer", "chat",
-    "Llama", "generate", "GenerationConfig",
+    "Llama", "generate", "GenerationConfig", "RewardModel",
 ]

@@ -1,0 +1,205 @@
+"""The reward model (paper §3.2.2): the chat model with its next-token head replaced by a scalar head.
+
+"The model architecture and hyper-parameters are identical to those of the pretrained language models, except
+that the classification head for next-token prediction is replaced with a regression head for outputting a
+scalar reward." :func:`reward_model_from_chat` makes that model from a chat checkpoint; :class:`RewardModel`
+loads a trained one and scores (prompt, response) pairs, for rejection sampling and PPO.
+
+A sequence is scored at its last real token: the EOS that closes the response in the Llama 2-Chat layout
+(``encode_dialog(dialog + [assistant response])``, exactly what the reward model was trained on, see
+:func:`llama2.data.dialogs.encode_preference`). Batches are right-padded and the value is read with
+:func:`llama2.data.dialogs.gather_last`, so padding never changes a score (see :func:`score_batch`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..chat import encode_dialog
+from ..data.dialogs import encode_sft_example, gather_last
+from ..model import Transformer
+
+__all__ = ["reward_model_from_chat", "score_batch", "encode_scored", "RewardModel", "REWARD_CONFIG_FILE"]
+
+REWARD_CONFIG_FILE = "reward_config.json"  # written by llama2.train.reward beside the checkpoint: kind, margin, ...
+
+
+def reward_model_from_chat(model: Transformer, seed: int = 0) -> Transformer:
+    """A new scalar-head Transformer with every body weight copied from the chat ``model`` (its LM head dropped).
+
+    The new head (``output``, a Linear(dim, 1) with bias) is initialised normal(0, 1/sqrt(dim)), bias 0. The
+    paper gives no scheme; our choice and why: the head reads the final RMSNorm's output, whose coordinates
+    have a root-mean-square near the norm's gain (about 1), so with this std the first scores are O(1), the
+    scale of the Table 27 margins (0..1 small, 0..3 large): the sigmoid of the ranking loss starts neither
+    saturated nor flat, and every pair gives the body a useful gradient from the first step. A zero head would
+    give the body no gradient on the first step; the 0.02 of LM initialisations would start all scores near 0
+    and make the margin dominate the early loss. ``seed`` makes the head's draw reproducible.
+
+    The copy keeps the chat model's device and dtype; ``model`` itself is left untouched.
+    """
+    if model.args.head != "lm":
+        raise ValueError(f"reward_model_from_chat needs a chat model with an LM head; this one has a {model.args.head!r} head")
+    args = dataclasses.replace(model.args, head="scalar")
+    with torch.device("meta"):
+        rm = Transformer(args)
+    body = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("output.")}
+    ref = model.tok_embeddings.weight
+    gen = torch.Generator().manual_seed(seed)
+    body["output.weight"] = (torch.randn(1, args.dim, generator=gen) / math.sqrt(args.dim)).to(ref.device, ref.dtype)
+    body["output.bias"] = torch.zeros(1, device=ref.device, dtype=ref.dtype)
+    rm.load_state_dict(body, strict=True, assign=True)  # strict: every body weight of the chat model is there
+    rm.reset_rope()
+    rm.gradient_checkpointing = model.gradient_checkpointing
+    rm.train(model.training)
+    return rm
+
+
+def score_batch(model: torch.nn.Module, batch: Mapping[str, Any], device: torch.device | str | None = None) -> torch.Tensor:
+    """Values (N,) of the rows of a :func:`~llama2.data.dialogs.collate_pairs` batch, each read at its last real
+    token. Right-padded batches run plain causal attention (a real token never sees the padding after it, so
+    the scores equal those of each sequence alone, and SDPA keeps its fast kernels); left-padded ones pass the
+    padding-aware mask and the real-token positions, which gives the same scores. Gradients flow (training);
+    wrap in ``torch.no_grad()`` for inference. Works on a DDP/FSDP-wrapped model (the call goes through it; pass
+    ``device``, the rank's device, since sharded parameters do not say it)."""
+    if device is None:
+        device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device)  # (N, T)
+    right_padded = bool(batch["attention_mask"][:, 0].all())  # every row starts with a real token
+    if right_padded:
+        values = model(tokens)  # (N, T)
+    else:
+        values = model(tokens, mask=batch["mask"].to(device), position_ids=batch["position_ids"].to(device))
+    return gather_last(values, batch["last_index"])  # (N,)
+
+
+def encode_scored(tokenizer, dialog: Sequence[Mapping[str, str]], response: str, seq_len: int) -> list[int]:
+    """Token ids of ``dialog`` (ending with a user turn) answered by ``response``, as the reward model reads them:
+    ``encode_dialog(dialog + [assistant response]).ids``, the finished turn closed by its EOS.
+
+    At most ``seq_len`` tokens, cut with the rule of :func:`~llama2.data.dialogs.encode_preference` (the same
+    code path, via ``encode_sft_example``): the earliest whole (user, assistant) exchanges go first, then the
+    start of the last prompt, while one prompt token stays before the response. Only when the response alone
+    does not fit (where training would drop the pair) are its own first tokens cut: a score is still owed, and
+    it is read at the final EOS with as much of the response as fits.
+    """
+    if not dialog or dialog[-1].get("role") != "user":
+        raise ValueError("a dialog to score must end with a user message (the response answers it)")
+    full = [*dialog, {"role": "assistant", "content": response}]
+    if seq_len < 3:
+        raise ValueError(f"seq_len must be >= 3 to score a dialog, got {seq_len}")
+    ex = encode_sft_example(tokenizer, full, seq_len - 1, "truncate")  # seq_len - 1 positions = seq_len tokens
+    if ex is not None:
+        return ex.ids
+    return encode_dialog(tokenizer, full).ids[-seq_len:]
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tokens (N, T), attention_mask (N, T) and last_index (N,), the parts of a
+    :func:`~llama2.data.dialogs.collate_pairs` batch that :func:`score_batch` reads for right padding."""
+    N, T = len(seqs), max(len(s) for s in seqs)
+    tokens = torch.full((N, T), pad_id, dtype=torch.long)
+    real = torch.zeros(N, T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        real[i, : len(s)] = True
+    return {"tokens": tokens, "attention_mask": real, "last_index": torch.tensor([len(s) - 1 for s in seqs])}
+
+
+class RewardModel:
+    """A trained reward model and its tokenizer: ``score(dialogs, responses)`` -> one scalar per response.
+
+    >>> rm = RewardModel.from_pretrained("runs/reward-helpfulness")
+    >>> rm.score([[{"role": "user", "content": "2+2?"}]], ["4"])        # tensor([1.73])
+
+    Attributes: ``model`` (a Transformer with head "scalar", in eval mode), ``tokenizer``, ``seq_len`` (the
+    window sequences are cut to), and, when the checkpoint directory holds ``reward_config.json`` (written by
+    ``llama2 reward``), ``kind`` ("helpfulness" or "safety"), ``margin`` ("none", "small", "large") and
+    ``config`` (the whole training config); otherwise these are None.
+    """
+
+    def __init__(self, model: Transformer, tokenizer, seq_len: int | None = None, kind: str | None = None,
+                 margin: str | None = None, config: dict | None = None) -> None:
+        if model.args.head != "scalar":
+            raise ValueError(f"a reward model needs a scalar head; this model has a {model.args.head!r} head "
+                             "(train one from a chat checkpoint with `llama2 reward`)")
+        if tokenizer is None:
+            raise ValueError("a reward model needs its tokenizer to encode dialogs")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.seq_len = min(seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.kind, self.margin, self.config = kind, margin, config
+
+    @classmethod
+    def from_pretrained(cls, path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> "RewardModel":
+        """Load a native checkpoint directory with a scalar head and its tokenizer (e.g. the ``out`` of
+        ``llama2 reward``); reads ``reward_config.json`` there if present."""
+        from ..checkpoint import detect, load
+
+        path = Path(path)
+        fmt = detect(path)
+        if fmt != "native":
+            raise ValueError(f"{path}: a {fmt} checkpoint; reward models are stored in the native format only "
+                             "(the other formats describe language models)")
+        model, tokenizer = load(path, dtype=dtype, device=device)
+        if model.args.head != "scalar":
+            raise ValueError(f"{path}: this checkpoint has an LM head (a language model), not a reward model's scalar "
+                             "head; train a reward model from it with `llama2 reward init_from=...`")
+        if tokenizer is None:
+            raise ValueError(f"{path}: no tokenizer.model in the checkpoint; a reward model needs its tokenizer")
+        meta: dict = {}
+        if (path / REWARD_CONFIG_FILE).is_file():
+            meta = json.loads((path / REWARD_CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = meta.get("config") or {}
+        return cls(model, tokenizer, seq_len=cfg.get("seq_len"), kind=meta.get("kind"), margin=meta.get("margin"),
+                   config=cfg or None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def encode(self, dialog: Sequence[Mapping[str, str]], response: str) -> list[int]:
+        """The ids scored for one (dialog, response); see :func:`encode_scored`."""
+        return encode_scored(self.tokenizer, dialog, response, self.seq_len)
+
+    def score(self, dialogs: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Scores (N,) float32 on the CPU of each ``responses[i]`` to ``dialogs[i]`` (a dialog ending with a user
+        turn; an optional system message first)."""
+        if len(dialogs) != len(responses):
+            raise ValueError(f"{len(dialogs)} dialogs but {len(responses)} responses")
+        return self.score_ids([self.encode(d, r) for d, r in zip(dialogs, responses)], batch_size)
+
+    @torch.no_grad()
+    def score_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+        """Scores (N,) of already encoded sequences (each scored at its last token; longer than ``seq_len`` keeps
+        its last ``seq_len`` tokens). Sequences are batched by length (less padding), right-padded, and the
+        scores returned in the input order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        seqs = [list(s)[-self.seq_len:] for s in ids]
+        if any(not s for s in seqs):
+            raise ValueError("cannot score an empty sequence")
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            batch = _pad_right([seqs[j] for j in idx])
+            with autocast:
+                values = score_batch(self.model, batch)  # (n,)
+            out[torch.tensor(idx)] = values.float().cpu()
+        return out
+
+    def __call__(self, dialogs, responses, batch_size: int = 16) -> torch.Tensor:
+        return self.score(dialogs, responses, batch_size)
+
+    def __repr__(self) -> str:
+        a = self.model.args
+        return (f"RewardModel(kind={self.kind!r}, margin={self.margin!r}, dim={a.dim}, n_layers={a.n_layers}, "
+                f"seq_len={self.seq_len})")
