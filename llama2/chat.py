@@ -40,6 +40,7 @@ __all__ = [
     "encode_dialog_prompt",
     "format_dialog",
     "has_special_tags",
+    "fit_dialog",
 ]
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -241,3 +242,21 @@ def has_special_tags(dialog: Sequence[Mapping[str, object]]) -> bool:
     return any(
         tag in str(msg.get("content", "")) for msg in dialog for tag in SPECIAL_TAGS
     )
+
+
+def fit_dialog(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], budget: int) -> tuple[list, list[int], int]:
+    """Drop the oldest user/assistant exchanges (never the system message or the last user turn) until the
+    generation prompt has at most ``budget`` tokens. Returns the kept dialog, its prompt ids and how many
+    exchanges were dropped. Raises ValueError if the last user turn alone does not fit. Used by `llama2 chat`
+    and by the multi-turn Ghost Attention evaluation, where the system message must survive any trimming."""
+    system = list(dialog[:1]) if dialog and dialog[0]["role"] == "system" else []
+    turns = list(dialog[len(system):])
+    dropped = 0
+    while True:
+        ids = encode_dialog_prompt(tokenizer, system + turns)
+        if len(ids) <= budget:
+            return system + turns, ids, dropped
+        if len(turns) <= 1:
+            raise ValueError(f"the message alone is {len(ids)} tokens; at most {budget} fit with the reply budget")
+        turns = turns[2:]
+        dropped += 1

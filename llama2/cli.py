@@ -110,23 +110,7 @@ def cmd_generate(args) -> None:
 
 
 # -- chat -------------------------------------------------------------------------------------------------------
-def fit_dialog(tokenizer, dialog: list[dict], budget: int) -> tuple[list[dict], list[int], int]:
-    """Drop the oldest user/assistant exchanges (never the system message or the last user turn) until the
-    prompt leaves ``budget`` tokens... i.e. until len(prompt ids) <= budget. Returns the kept dialog, its
-    ids and how many exchanges were dropped. Raises ValueError if the last user turn alone does not fit."""
-    from .chat import encode_dialog_prompt
-
-    system = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
-    turns = dialog[len(system):]
-    dropped = 0
-    while True:
-        ids = encode_dialog_prompt(tokenizer, system + turns)
-        if len(ids) <= budget:
-            return system + turns, ids, dropped
-        if len(turns) <= 1:
-            raise ValueError(f"the message alone is {len(ids)} tokens; at most {budget} fit with the reply budget")
-        turns = turns[2:]
-        dropped += 1
+from .chat import fit_dialog  # noqa: E402  (re-exported: the chat loop and its tests use it)
 
 
 def cmd_chat(args) -> None:
@@ -233,11 +217,75 @@ def cmd_sft(args) -> None:
         raise SystemExit(130)
 
 
+# -- reward ------------------------------------------------------------------------------------------------------
+def cmd_reward(args) -> None:
+    from .rlhf.reward import format_accuracy_table
+    from .train.reward import RewardConfig, train_reward
+
+    cfg = load_config(RewardConfig, args.config, args.overrides)
+    result = train_reward(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    ev = result.get("eval") or {}
+    if ev.get("accuracy"):
+        name = f"{cfg.kind} RM (margin {cfg.margin})"
+        print(format_accuracy_table({name: ev["accuracy"]}))
+    print(f"reward model in {cfg.out} (llama2.RewardModel.from_pretrained({cfg.out!r}))")
+    if result.get("stopped"):
+        raise SystemExit(130)
+
+
+# -- rejection sampling, ppo ---------------------------------------------------------------------------------------
+def cmd_rejection(args) -> None:
+    from .train.rejection import RejectionConfig, rejection
+
+    cfg = load_config(RejectionConfig, args.config, args.overrides)
+    result = rejection(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        for s in result["history"]:
+            print(f"iteration {s['iteration']} (T={s['temperature']}): mean reward {s['mean_reward']:.3f}, "
+                  f"best-of-{s['k']} {s['mean_best_of_k']:.3f}, kept {s['mean_kept_reward']:.3f}")
+        print(f"final model in {cfg.out} (llama2 chat --ckpt {cfg.out})")
+
+
+def cmd_ppo(args) -> None:
+    from .train.ppo import PPOConfig, ppo
+
+    cfg = load_config(PPOConfig, args.config, args.overrides)
+    result = ppo(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        last = result["history"][-1] if result["history"] else {}
+        print(f"{len(result['history'])} iterations, last reward {last.get('reward', float('nan')):.3f}, KL "
+              f"{last.get('kl', float('nan')):.3f}; best held-out reward {result['best_heldout_reward']:.4f}; "
+              f"policy in {cfg.out} (llama2 chat --ckpt {cfg.out})")
+    if result.get("stopped"):
+        raise SystemExit(130)
+
+
+def cmd_gatt(args) -> None:
+    from .train.gatt import GattConfig, gatt
+
+    cfg = load_config(GattConfig, args.config, args.overrides)
+    result = gatt(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model in {cfg.out} (llama2 gatt-eval ckpts=BEFORE,{cfg.out} dialogs=...)")
+    if result.get("stopped"):
+        raise SystemExit(130)
+
+
+def cmd_gatt_eval(args) -> None:
+    from .train.gatt import GattEvalConfig, gatt_eval
+
+    cfg = load_config(GattEvalConfig, args.config, args.overrides)
+    gatt_eval(cfg)
+    print(f"written {cfg.out}/gatt_eval.json and {cfg.out}/gatt_adherence.png")
+
+
 def _stage_parser(sub, name: str, cls: type, help: str, description: str, example: str, func) -> None:
     """A training stage's subcommand: --config YAML plus key=value overrides, every field listed in --help."""
     p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML file of {name} fields (below), e.g. {example}")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{name} fields, e.g. out=runs/{name} resume=true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{name} fields (listed below), e.g. out=runs/{name}")
     p.epilog = f"{name} fields (key=value):\n" + describe(cls)
     p.set_defaults(func=func)
 
@@ -317,6 +365,37 @@ def build_parser() -> argparse.ArgumentParser:
                   "Fine-tune a pretrained checkpoint on chat-formatted dialogs (JSONL). System and user tokens carry no "
                   "loss; dialogs are packed into seq_len rows with attention kept inside each dialog. Works alone or "
                   "under torchrun (fsdp/ddp) like pretrain.", "configs/sft/toy.yaml", cmd_sft)
+
+    from .train.reward import RewardConfig
+
+    _stage_parser(sub, "reward", RewardConfig, "train a helpfulness or safety reward model with the margin loss (section 3.2.2)",
+                  "Train a reward model (the chat model with a scalar head) on preference pairs with "
+                  "-log sigmoid(r_chosen - r_rejected - m(rating)) (margins of Table 27), on one kind's data mixed as "
+                  "the paper describes, and report held-out accuracy per rating (Table 8 layout) in OUT/eval.json.",
+                  "configs/reward/toy.yaml", cmd_reward)
+    from .train.rejection import RejectionConfig
+
+    _stage_parser(sub, "rejection", RejectionConfig, "rejection sampling fine-tuning: best of K samples by reward (section 3.2.3)",
+                  "Sample K answers per prompt from the newest policy, score them with the reward model(s) (combined "
+                  "safety/helpfulness rule), keep the best of this and all earlier iterations, fine-tune on the kept "
+                  "set with the SFT loss; repeat for each iteration.", "configs/rejection/toy.yaml", cmd_rejection)
+    from .train.ppo import PPOConfig
+
+    _stage_parser(sub, "ppo", PPOConfig, "PPO against the combined safety/helpfulness reward with a KL penalty (section 3.2.3)",
+                  "Optimise the policy with PPO on R = whiten(logit(R_c)) - beta KL(pi || pi_0), GAE advantages, clipped "
+                  "policy and value losses, one step per minibatch, early stopping on held-out prompts' reward.",
+                  "configs/ppo/toy.yaml", cmd_ppo)
+
+    from .train.gatt import GattConfig, GattEvalConfig
+
+    _stage_parser(sub, "gatt", GattConfig, "Ghost Attention: multi-turn consistency with a system instruction (section 3.3)",
+                  "Sample multi-turn dialogs with an instruction (hobby, style, persona; short form half the time) on "
+                  "every user turn, keep answers that follow it, then fine-tune with the instruction only in the first "
+                  "turn and zero loss on earlier turns.", "configs/gatt/toy.yaml", cmd_gatt)
+    _stage_parser(sub, "gatt-eval", GattEvalConfig, "adherence to a system instruction turn by turn, up to 20 turns",
+                  "Play probe dialogs turn by turn with each checkpoint, the instruction given only at the start, and "
+                  "report the share of answers that follow it per turn (table, gatt_eval.json, gatt_adherence.png).",
+                  "configs/gatt/eval.yaml", cmd_gatt_eval)
 
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")

@@ -104,3 +104,37 @@ def test_sft_on_two_ranks_equals_one(pretrain_shards, tmp_path):
     assert len(recs) == len(ref) >= 3
     print("sft fsdp vs single, max |loss diff|:", max(close(recs, ref)))
     assert max(close(recs, ref)) < TOL and abs(recs[-1]["val_loss"] - ref[-1]["val_loss"]) < TOL
+
+
+@pytest.fixture
+def rl_setup(pretrain_shards, tmp_path):
+    from llama2 import ModelArgs, Transformer
+    from llama2.checkpoint import save
+    from llama2.rlhf.reward_model import reward_model_from_chat
+    from llama2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
+    policy = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0)
+    save(policy, tmp_path / "policy", tokenizer=tok)
+    save(reward_model_from_chat(policy, seed=1), tmp_path / "rm", tokenizer=tok)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."}], "safety": i % 2 == 0})
+                               + "\n" for i, w in enumerate(["Ada", "Bob", "the sea", "tea", "a boat", "rain"])))
+    return tmp_path
+
+
+def test_rejection_and_ppo_run_on_two_ranks(rl_setup):
+    """Sampling sharded by rank, gathered on rank 0; fine-tuning under FSDP (rejection) and DDP (PPO)."""
+    tmp = rl_setup
+    common = dict(prompts=str(tmp / "prompts.jsonl"), init_from=str(tmp / "policy"), reward_helpfulness=str(tmp / "rm"),
+                  reward_safety=str(tmp / "rm"), max_new_tokens=4, tensorboard="false")
+    torchrun(tmp, "rejection", out=str(tmp / "rs"), iterations=1, k=2, seq_len=64, batch_size=4, micro_batch=1,
+             epochs=1, strategy="fsdp", **common)
+    samples = [json.loads(l) for l in (tmp / "rs" / "iter_1" / "samples.jsonl").read_text().splitlines()]
+    assert sorted(s["id"] for s in samples) == list(range(6))  # every prompt sampled once, by one rank or the other
+    assert Llama.from_pretrained(tmp / "rs").model is not None
+    recs = torchrun(tmp, "ppo", out=str(tmp / "ppo"), iterations=2, rollout_batch=8, minibatch=4, micro_batch=2,
+                    val_fraction=0.34, eval_every=1, patience=0, strategy="ddp", **common)
+    assert [r["iteration"] for r in recs] == [1, 2]
+    assert all(0 < r["reward"] < 1 and "heldout_reward" in r for r in recs)
+    assert Llama.from_pretrained(tmp / "ppo").model is not None

@@ -93,3 +93,14 @@ def test_bad_settings(data, tmp_path):
     bad.write_text('{"dialog": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         sft(settings((bad, data[1]), tmp_path / "x"))
+
+
+def test_loss_on_last_answer_only_for_ghost_attention(data):
+    from llama2.train.sft import last_answer_only
+
+    tok = Tokenizer.from_file(data[1])
+    ex, _ = encode_sft_examples(tok, [DIALOGS[3]], 96)
+    full, last = ex[0], last_answer_only(ex[0])
+    kept = [t for t, m in zip(last.ids, last.loss_mask) if m]
+    assert tok.decode(kept[:-1]).strip() == "Three, two, one." and kept[-1] == tok.eos_id
+    assert sum(last.loss_mask) < sum(full.loss_mask)  # the first answer no longer counts

@@ -23,7 +23,7 @@ __all__ = [
     "make_optimizer", "lr_at", "save_training_state", "load_training_state", "latest_checkpoint", "prune_checkpoints",
     "publish", "StopRequest", "Dist", "init_distributed", "wrap_model", "unwrap", "no_grad_sync", "clip_grad_norm",
     "full_state", "load_full_optimizer_state", "state_to_model", "MetricsLog",
-    "autocast_for", "save_checkpoint",
+    "autocast_for", "save_checkpoint", "split_paths",
 ]
 
 
@@ -323,3 +323,9 @@ def save_checkpoint(model, args, tokenizer, optimizer, out: Path, step: int, kee
         prune_checkpoints(out, keep_last)
     d.barrier()
     return step_dir
+
+
+def split_paths(spec: "str | list[str] | tuple[str, ...]") -> list[str]:
+    """Input files given as one path, comma-separated paths, or a list (from YAML)."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]

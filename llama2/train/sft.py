@@ -17,6 +17,7 @@ uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -29,12 +30,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint import load
-from ..data.dialogs import IGNORE_INDEX, collate, encode_sft_examples, pack_sft, read_dialogs, split_holdout
+from ..data.dialogs import IGNORE_INDEX, SFTExample, collate, encode_sft_examples, pack_sft, read_dialogs, split_holdout
 from ..model import ModelArgs, Transformer
 from ..tokenizer import Tokenizer
 from .common import (
     Dist, MetricsLog, StopRequest, autocast_for, clip_grad_norm, init_distributed, latest_checkpoint, load_full_optimizer_state,
-    load_training_state, lr_at, make_optimizer, no_grad_sync, save_checkpoint, wrap_model,
+    load_training_state, lr_at, make_optimizer, no_grad_sync, save_checkpoint, wrap_model, split_paths,
 )
 
 
@@ -56,6 +57,9 @@ class SFTConfig:
     """Output directory: checkpoints/step_NNNNNN and, at its root, the latest model."""
     seq_len: int = 4096
     """Positions per packed row (4096 in the paper)."""
+    loss_on: str = "all"
+    """Which answers carry loss: all (every assistant turn, the paper's SFT) or last (only the final answer, as
+    Ghost Attention trains: earlier turns were sampled under a different system message)."""
     overflow: str = "truncate"
     """A dialog longer than seq_len: truncate (drop the earliest exchanges, then the start of the prompt; never an
     answer token of what is kept) or skip. Both are counted and reported."""
@@ -95,10 +99,6 @@ class SFTConfig:
     """Also write the metrics for TensorBoard to OUT/tb."""
 
 
-def _files(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split(",") if s.strip()]
-
-
 def step_rows(n_rows: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Indices of the rows of optimizer step ``step`` in the endless stream of per-epoch permutations."""
     perms: dict[int, list[int]] = {}
@@ -110,6 +110,18 @@ def step_rows(n_rows: int, batch_size: int, seed: int, step: int) -> list[int]:
             perms[epoch] = torch.randperm(n_rows, generator=g).tolist()
         out.append(perms[epoch][i])
     return out
+
+
+def last_answer_only(ex: SFTExample) -> SFTExample:
+    """The example with loss on its final answer (the last run of loss tokens) only."""
+    mask = list(ex.loss_mask)
+    end = len(mask)
+    while end and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    return dataclasses.replace(ex, loss_mask=[0] * start + mask[start:end] + [0] * (len(mask) - end))
 
 
 def _forward_sum(model, rows, d: Dist, autocast) -> tuple[torch.Tensor, int]:
@@ -149,6 +161,8 @@ def sft(cfg: SFTConfig) -> dict:
     out = Path(cfg.out)
     if not cfg.data:
         raise ValueError("data=...: give the dialogs JSONL to fine-tune on")
+    if cfg.loss_on not in ("all", "last"):
+        raise ValueError(f"loss_on={cfg.loss_on!r}: expected all or last")
     if cfg.batch_size % (cfg.micro_batch * d.world):
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch * ranks = {cfg.micro_batch} * {d.world}")
     accum = cfg.batch_size // (cfg.micro_batch * d.world)
@@ -173,13 +187,15 @@ def sft(cfg: SFTConfig) -> dict:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {args.max_seq_len}")
 
     # -- data: dialogs -> (ids, answer mask) -> packed rows -------------------------------------------------------
-    dialogs = read_dialogs(_files(cfg.data))
+    dialogs = read_dialogs(split_paths(cfg.data))
     if cfg.val_data:
-        train_dialogs, val_dialogs = list(dialogs), list(read_dialogs(_files(cfg.val_data)))
+        train_dialogs, val_dialogs = list(dialogs), list(read_dialogs(split_paths(cfg.val_data)))
     else:
         train_dialogs, val_dialogs = split_holdout(dialogs, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (list(dialogs), [])
     train_ex, stats = encode_sft_examples(tokenizer, train_dialogs, cfg.seq_len, cfg.overflow)
     val_ex, _ = encode_sft_examples(tokenizer, val_dialogs, cfg.seq_len, cfg.overflow)
+    if cfg.loss_on == "last":
+        train_ex, val_ex = [last_answer_only(e) for e in train_ex], [last_answer_only(e) for e in val_ex]
     if not train_ex:
         raise ValueError(f"{cfg.data}: no dialog fits seq_len {cfg.seq_len} ({stats})")
     rows = pack_sft(train_ex, cfg.seq_len)

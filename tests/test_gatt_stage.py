@@ -1,0 +1,68 @@
+"""The Ghost Attention stage end to end on a tiny model: the instruction on every user turn while sampling, only
+in the system message of the training data, only passing answers kept; and the turn-by-turn evaluation."""
+import json
+
+import pytest
+import torch
+
+from llama2 import Llama, ModelArgs, Transformer
+from llama2.checkpoint import save
+from llama2.rlhf.gatt import Instruction
+from llama2.tokenizer import Tokenizer
+from llama2.train import gatt as stage
+from llama2.train.gatt import GattConfig, GattEvalConfig, gatt, gatt_eval
+
+TEXT = "Use the letter e."
+RULE = Instruction("test", "e", TEXT, "Letter: e", check=lambda a: "e" in a)
+
+
+@pytest.fixture
+def setup(tmp_path, pretrain_shards, monkeypatch):
+    torch.set_num_threads(1)
+    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
+    save(Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0),
+         tmp_path / "policy", tokenizer=tok)
+    dialogs = tmp_path / "d.jsonl"
+    dialogs.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."},
+                                                      {"role": "assistant", "content": "Fine."},
+                                                      {"role": "user", "content": f"And {w} again?"},
+                                                      {"role": "assistant", "content": "Yes."}]}) + "\n"
+                               for w in ["Ada", "Bob", "the sea", "tea"]))
+    # a rule a random tiny model meets about half the time, so both branches (kept, ended early) are exercised
+    monkeypatch.setattr(stage, "sample_instruction", lambda rng, *a, **k: (RULE, TEXT))
+    yield tok, tmp_path
+    torch.set_num_threads(2)
+
+
+def test_sampling_data_and_fine_tuning(setup):
+    tok, tmp = setup
+    cfg = GattConfig(dialogs=str(tmp / "d.jsonl"), init_from=str(tmp / "policy"), out=str(tmp / "g"), turns=3, k=3,
+                     max_new_tokens=6, temperature=1.0, seq_len=128, batch_size=4, micro_batch=2, epochs=1, lr=1e-3,
+                     tensorboard=False)
+    result = gatt(cfg)
+    counts = result["counts"]
+    samples = [json.loads(l) for l in (tmp / "g" / "samples.jsonl").read_text().splitlines()]
+    data = [json.loads(l)["dialog"] for l in (tmp / "g" / "gatt_data.jsonl").read_text().splitlines()]
+    assert counts["turns_kept"] == sum(len(s["dialog"]) // 2 for s in samples) == len(data) > 0
+    for s in samples:  # sampling: the instruction before every user message; every kept answer follows it
+        assert all(m["content"].startswith(TEXT + "\n") for m in s["dialog"] if m["role"] == "user")
+        assert all(RULE.check(m["content"]) for m in s["dialog"] if m["role"] == "assistant")
+    for d in data:  # training: the instruction only as the system message
+        assert d[0] == {"role": "system", "content": TEXT}
+        assert all(TEXT not in m["content"] for m in d[1:])
+        assert d[-1]["role"] == "assistant"
+    assert len(result["history"]) >= 1 and Llama.from_pretrained(tmp / "g").model is not None
+    # a rerun does not sample again
+    assert gatt(cfg)["counts"] == {}
+
+
+def test_eval_reports_adherence_per_turn(setup):
+    tok, tmp = setup
+    res = gatt_eval(GattEvalConfig(ckpts=[str(tmp / "policy"), str(tmp / "policy")], names=["a", "b"],
+                                   dialogs=str(tmp / "d.jsonl"), out=str(tmp / "ev"), n=4, turns=5, max_new_tokens=4))
+    assert res["turns"] == [1, 2, 3, 4, 5]
+    assert res["adherence"]["a"] == res["adherence"]["b"]  # greedy: the same model gives the same answers
+    assert all(0 <= x <= 1 for x in res["adherence"]["a"])
+    assert (tmp / "ev" / "gatt_adherence.png").stat().st_size > 1000
+    saved = json.loads((tmp / "ev" / "gatt_eval.json").read_text())
+    assert saved["adherence"] == res["adherence"]

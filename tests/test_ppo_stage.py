@@ -1,0 +1,68 @@
+"""The PPO stage end to end on a tiny model: one iteration raises the mean reward of a toy reward that prefers
+some tokens, the KL to the reference starts at zero, and the best policy is saved as a loadable checkpoint."""
+import json
+
+import pytest
+import torch
+
+from llama2 import Llama, ModelArgs, Transformer
+from llama2.checkpoint import save
+from llama2.tokenizer import Tokenizer
+from llama2.train.ppo import PPOConfig, ppo
+
+
+@pytest.fixture
+def setup(tmp_path, pretrain_shards):
+    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
+    model = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0)
+    save(model, tmp_path / "policy", tokenizer=tok)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."}],
+                                           "safety": i % 3 == 0}) + "\n"
+                               for i, w in enumerate(["Ada", "Bob", "the sea", "tea", "a boat", "the hill", "rain", "bread"])))
+    return tok, tmp_path
+
+
+def test_one_iteration_raises_the_reward_of_a_token_preference(setup):
+    tok, tmp = setup
+    low = tok.vocab_size // 2
+
+    def reward_fn(dialogs, texts, safety, ids):  # the fraction of answer tokens in the lower half of the vocabulary
+        return torch.tensor([sum(t < low for t in a) / max(1, len(a)) for a in ids])
+
+    # one iteration = 256 rollouts from the initial policy, then 32 minibatch steps; iteration 2's rollouts
+    # come from the updated policy. Each mean is over ~1000 tokens (std of a mean ~0.016).
+    cfg = PPOConfig(prompts=str(tmp / "prompts.jsonl"), val_fraction=0, init_from=str(tmp / "policy"), out=str(tmp / "ppo"),
+                    iterations=2, rollout_batch=256, minibatch=8, micro_batch=8, lr=1e-3, value_lr=1e-3, kl_beta=0.01,
+                    max_new_tokens=4, eval_every=100, patience=0, tensorboard=False)
+    hist = ppo(cfg, reward_fn=reward_fn)["history"]
+    assert len(hist) == 2
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts come from pi_0 itself
+    assert hist[1]["reward"] > hist[0]["reward"] + 0.04, [h["reward"] for h in hist]
+    assert hist[1]["kl"] > 0  # it moved away from the reference, and the penalty sees it
+    assert all(0 <= h["clip_fraction"] <= 1 and h["entropy"] > 0 for h in hist)
+    assert Llama.from_pretrained(tmp / "ppo").model.args.head == "lm"
+
+
+def test_early_stopping_keeps_the_best_policy(setup):
+    tok, tmp = setup
+
+    def reward_fn(dialogs, texts, safety, ids):  # a constant: the held-out reward never improves
+        return torch.full((len(ids),), 0.5)
+
+    cfg = PPOConfig(prompts=str(tmp / "prompts.jsonl"), val_fraction=0.25, init_from=str(tmp / "policy"), out=str(tmp / "es"),
+                    iterations=10, rollout_batch=8, minibatch=8, micro_batch=8, max_new_tokens=2, eval_every=1, patience=2,
+                    tensorboard=False)
+    hist = ppo(cfg, reward_fn=reward_fn)["history"]
+    assert len(hist) == 2 and "heldout_reward" in hist[-1]  # stopped after 2 evaluations without a better reward
+    assert json.loads((tmp / "es" / "best.json").read_text())["iteration"] == 0  # the initial policy stayed best
+
+
+def test_needs_a_reward(setup):
+    _, tmp = setup
+    with pytest.raises(ValueError, match="reward_helpfulness"):
+        ppo(PPOConfig(prompts=str(tmp / "prompts.jsonl"), init_from=str(tmp / "policy"), out=str(tmp / "x")))
+    with pytest.raises(ValueError, match="multiple"):
+        ppo(PPOConfig(prompts=str(tmp / "prompts.jsonl"), init_from=str(tmp / "policy"), out=str(tmp / "x"),
+                      rollout_batch=10, minibatch=4), reward_fn=lambda *a: None)
+

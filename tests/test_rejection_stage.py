@@ -1,0 +1,75 @@
+"""Rejection sampling end to end on a tiny policy and a tiny reward model: K scored samples per prompt, the best
+of all iterations kept, a fine-tuned checkpoint per iteration, and a stopped run resumes without redoing work."""
+import json
+
+import pytest
+import torch
+
+from llama2 import Llama, ModelArgs, RewardModel, Transformer
+from llama2.checkpoint import save
+from llama2.rlhf.reward_model import reward_model_from_chat
+from llama2.tokenizer import Tokenizer
+from llama2.train.rejection import RejectionConfig, rejection
+
+
+@pytest.fixture
+def setup(tmp_path, pretrain_shards):
+    torch.set_num_threads(1)
+    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
+    policy = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0)
+    save(policy, tmp_path / "policy", tokenizer=tok)
+    save(reward_model_from_chat(policy, seed=1), tmp_path / "rm", tokenizer=tok)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."}], "safety": False})
+                               + "\n" for w in ["Ada", "Bob", "the sea", "tea", "a boat"]))
+    cfg = RejectionConfig(prompts=str(prompts), init_from=str(tmp_path / "policy"), reward_helpfulness=str(tmp_path / "rm"),
+                          out=str(tmp_path / "rs"), iterations=2, k=4, temperatures=[1.0, 1.2], max_new_tokens=6,
+                          seq_len=64, batch_size=4, micro_batch=2, epochs=1, lr=1e-3, tensorboard=False)
+    yield cfg, tmp_path
+    torch.set_num_threads(2)
+
+
+def test_keeps_the_best_of_all_iterations_and_fine_tunes(setup):
+    cfg, tmp = setup
+    result = rejection(cfg)
+    assert [s["temperature"] for s in result["history"]] == [1.0, 1.2]
+    rm = RewardModel.from_pretrained(tmp / "rm")
+    seen = {}  # prompt id -> every (score, text) of every iteration
+    for it in (1, 2):
+        d = tmp / "rs" / f"iter_{it}"
+        samples = [json.loads(l) for l in (d / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 5 and all(len(s["samples"]) == 4 for s in samples)
+        for s in samples:
+            seen.setdefault(s["id"], []).extend((x["score"], x["text"]) for x in s["samples"])
+        kept = {r["id"]: r for r in map(json.loads, (d / "kept.jsonl").read_text().splitlines())}
+        for pid, r in kept.items():
+            assert r["score"] == max(sc for sc, _ in seen[pid])  # the best so far, over this and earlier iterations
+            assert r["dialog"][-1]["content"] in [t for sc, t in seen[pid] if sc == r["score"]]
+        # the stored scores are the reward model's (through the sigmoid)
+        first = samples[0]
+        fresh = torch.sigmoid(rm.score([json.loads((d / "samples.jsonl").read_text().splitlines()[0])["prompt"]] * 4,
+                                       [x["text"] for x in first["samples"]]))
+        assert fresh.tolist() == pytest.approx([x["score"] for x in first["samples"]], abs=1e-5)
+        stats = json.loads((d / "stats.json").read_text())
+        assert stats["mean_best_of_k"] >= stats["mean_reward"]
+        assert stats["best_of_k_curve"][0] == pytest.approx(stats["mean_reward"], abs=1e-5)
+        assert stats["best_of_k_curve"][-1] == pytest.approx(stats["mean_best_of_k"], abs=1e-5)
+        assert (d / "model" / "llama2.json").is_file()
+    # iteration 2 fine-tuned iteration 1's model, and OUT holds the final one
+    a = Llama.from_pretrained(tmp / "rs" / "iter_2" / "model").model.state_dict()
+    b = Llama.from_pretrained(tmp / "rs").model.state_dict()
+    c = Llama.from_pretrained(tmp / "rs" / "iter_1" / "model").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    # a rerun finds both iterations done and redoes nothing
+    again = rejection(cfg)
+    assert again["history"] == result["history"]
+
+
+def test_bad_settings(setup):
+    cfg, tmp = setup
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="reward_helpfulness"):
+        rejection(replace(cfg, reward_helpfulness=""))
+    with pytest.raises(ValueError, match="k and iterations"):
+        rejection(replace(cfg, k=0))
