@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/llama2 demo --out runs/demo
+	$(BIN)/llama2 pipeline --out runs/toy
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

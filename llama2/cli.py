@@ -281,6 +281,14 @@ def cmd_gatt_eval(args) -> None:
     print(f"written {cfg.out}/gatt_eval.json and {cfg.out}/gatt_adherence.png")
 
 
+def cmd_pipeline(args) -> None:
+    from .pipeline import run_pipeline
+
+    report = run_pipeline(args.out, quick=args.quick, from_stage=args.from_stage, seed=args.seed)
+    print(f"\nreport: {report} (figures in {report.parent / 'report'}, numbers in {report.parent / 'metrics.json'})")
+    print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
+
+
 def _stage_parser(sub, name: str, cls: type, help: str, description: str, example: str, func) -> None:
     """A training stage's subcommand: --config YAML plus key=value overrides, every field listed in --help."""
     p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -396,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
                   "Play probe dialogs turn by turn with each checkpoint, the instruction given only at the start, and "
                   "report the share of answers that follow it per turn (table, gatt_eval.json, gatt_adherence.png).",
                   "configs/gatt/eval.yaml", cmd_gatt_eval)
+
+    from .pipeline import STAGES
+
+    p = sub.add_parser("pipeline", help="the whole recipe on the built-in toy world, with a report (what make run runs)",
+                       description="world -> tokenizer -> prepare -> pretrain -> sft -> reward models -> rejection sampling "
+                       "-> ppo -> gatt -> eval -> report, on CPU. A stage whose output exists is skipped, so a stopped run "
+                       "resumes; --from redoes a stage and all after it. Default about 20 minutes on 2 cores, --quick about 3.")
+    p.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
+    p.add_argument("--quick", action="store_true", help="a smaller world and model (about 3 minutes)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None, help="redo this stage and every later one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")

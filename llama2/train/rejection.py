@@ -181,14 +181,15 @@ def rejection(cfg: RejectionConfig) -> dict:
 
         # -- keep the best per prompt across this and all earlier iterations ---------------------------------------
         scores = torch.tensor([[s["score"] for s in r["samples"]] for r in results])  # (N, K)
-        new = {r["id"]: [(s["score"], s["text"]) for s in r["samples"]] for r in results}
-        best = keep_best_across_iterations(best, new)
-        from_this = sum(1 for r in results if best[r["id"]][0] == max(s["score"] for s in r["samples"]))
+        # an empty answer is no training example: it competes for nothing (a prompt may then keep an older answer, or none)
+        new = {r["id"]: [(s["score"], s["text"]) for s in r["samples"] if s["text"]] for r in results}
+        best = keep_best_across_iterations(best, {k: v for k, v in new.items() if v})
+        from_this = sum(1 for k, v in new.items() if v and best[k][0] == max(sc for sc, _ in v))
         stats = {
             "iteration": it, "temperature": temperature, "prompts": len(results), "k": cfg.k,
             "mean_reward": float(scores.mean()), "median_reward": float(scores.median()),
             "mean_best_of_k": float(scores.max(dim=1).values.mean()),
-            "mean_kept_reward": sum(best[r["id"]][0] for r in results) / len(results),
+            "mean_kept_reward": sum(sc for sc, _ in best.values()) / max(1, len(best)), "kept": len(best),
             "kept_from_this_iteration": from_this,
             "best_of_k_curve": expected_max_reward(scores).tolist(),  # mean max reward among k samples, k = 1..K
             "samples_per_s": scores.numel() / dt,
@@ -204,7 +205,7 @@ def rejection(cfg: RejectionConfig) -> dict:
                     f.write(json.dumps({"id": pid, "score": score, "dialog": dialog}) + "\n")
             print(f"rejection: iteration {it} (T={temperature}): mean reward {stats['mean_reward']:.3f}, best-of-{cfg.k} "
                   f"{stats['mean_best_of_k']:.3f}, kept {stats['mean_kept_reward']:.3f} "
-                  f"({from_this}/{len(results)} from this iteration), {stats['samples_per_s']:.1f} samples/s", file=sys.stderr)
+                  f"({from_this}/{len(best)} kept from this iteration), {stats['samples_per_s']:.1f} samples/s", file=sys.stderr)
         d.barrier()
 
         # -- fine-tune the newest policy on the kept set with the SFT loss ----------------------------------------------

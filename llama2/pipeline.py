@@ -1,0 +1,309 @@
+"""The whole Llama 2 recipe end to end on the toy world, with a report of its effects (`llama2 pipeline`).
+
+world -> tokenizer -> prepare -> pretrain -> sft -> reward models (helpfulness and safety, with and without a
+margin) -> rejection sampling (2 iterations) -> PPO -> GAtt -> evaluation -> report. Every stage runs through
+the same library function as its command (``llama2 pretrain``, ``llama2 sft`` ...) on files in the same
+formats real data uses, and writes a directory under OUT. A stage whose output is complete is skipped, so a
+stopped pipeline resumes where it stopped; ``--from STAGE`` redoes that stage and every later one.
+
+The sizes are chosen for a 2-core CPU: ``quick`` (toy-tiny, about 3 minutes, what the test suite runs) and the
+default (toy-small, about 20 minutes).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "reward", "rejection", "ppo", "gatt", "eval", "report")
+
+# Per-size settings. Learning rates are far above the paper's: a model of a few million parameters trained for
+# minutes needs large steps; the structure of every stage (losses, schedules, selection rules) is the paper's.
+SIZES = {
+    "quick": dict(
+        world="quick", vocab=512, model="toy-tiny", seq_len=128,
+        pretrain=dict(max_steps=150, batch_tokens=4096, micro_batch=16, lr=3e-3, warmup_steps=15, eval_every=50),
+        sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=5),
+        reward=dict(epochs=2, batch_pairs=16, micro_batch=8, lr=3e-4),
+        rejection=dict(iterations=2, k=4, temperatures=[1.0, 1.1], max_new_tokens=32, epochs=1, batch_size=16,
+                       micro_batch=8, lr=2e-4),
+        ppo=dict(iterations=4, rollout_batch=32, minibatch=8, micro_batch=8, lr=2e-5, value_lr=1e-4,
+                 max_new_tokens=32, eval_every=2, patience=0),
+        gatt=dict(turns=4, k=4, max_new_tokens=24, epochs=1, batch_size=16, micro_batch=8, lr=2e-4),
+        eval=dict(max_new_tokens=32, gatt_probes=8, gatt_turns=20, k_curve=4),
+    ),
+    "default": dict(
+        world="default", vocab=1024, model="toy-small", seq_len=256,
+        pretrain=dict(max_steps=600, batch_tokens=8192, micro_batch=16, lr=2e-3, warmup_steps=40, eval_every=100),
+        sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
+        reward=dict(epochs=2, batch_pairs=32, micro_batch=8, lr=1e-4),
+        rejection=dict(iterations=2, k=8, temperatures=[1.0, 1.1], max_new_tokens=48, epochs=2, batch_size=16,
+                       micro_batch=8, lr=1e-4),
+        ppo=dict(iterations=20, rollout_batch=64, minibatch=16, micro_batch=8, lr=1e-5, value_lr=1e-4,
+                 max_new_tokens=48, eval_every=4, patience=3),
+        gatt=dict(turns=6, k=4, max_new_tokens=32, epochs=2, batch_size=16, micro_batch=8, lr=1e-4),
+        eval=dict(max_new_tokens=48, gatt_probes=24, gatt_turns=20, k_curve=8),
+    ),
+}
+
+
+@dataclass
+class Ctx:
+    out: Path
+    size: str
+    seed: int
+    s: dict
+    world: object = None
+    paths: dict | None = None
+
+
+def _done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def _mark(path: Path, info: dict | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "DONE").write_text(json.dumps(info or {}, indent=2))
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- stages ----------------------------------------------------------------------------------------------------------
+def stage_world(c: Ctx) -> None:
+    c.paths = {k: str(v) for k, v in c.world.write(c.out / "world").items()}
+    _mark(c.out / "world", c.paths)
+
+
+def stage_tokenizer(c: Ctx) -> None:
+    from .chat import format_dialog
+    from .data.dialogs import read_dialogs
+    from .tokenizer import train_tokenizer
+
+    d = c.out / "tokenizer"
+    d.mkdir(parents=True, exist_ok=True)
+    # the world's text plus its dialogs in the chat format, so [INST] and <<SYS>> get pieces of their own
+    with open(d / "corpus.txt", "w", encoding="utf-8") as f:
+        f.write(Path(c.paths["pretrain"]).read_text(encoding="utf-8"))
+        for dialog in read_dialogs(c.paths["sft"]):
+            f.write("\n\n" + "\n".join(format_dialog(dialog)))
+    train_tokenizer([d / "corpus.txt"], c.s["vocab"], d / "tokenizer.model")
+    _mark(d)
+
+
+def stage_prepare(c: Ctx) -> None:
+    from .data.prepare import PrepareConfig, prepare
+
+    prepare(PrepareConfig(inputs=[c.paths["pretrain"]], out=str(c.out / "shards"), tokenizer=str(c.out / "tokenizer" / "tokenizer.model"),
+                          val_fraction=0.02, seed=c.seed, force=True), quiet=True)
+    _mark(c.out / "shards")
+
+
+def stage_pretrain(c: Ctx) -> None:
+    from .train.pretrain import PretrainConfig, pretrain
+
+    pretrain(PretrainConfig(data=str(c.out / "shards"), out=str(c.out / "pretrain"), model=c.s["model"], seq_len=c.s["seq_len"],
+                            save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["pretrain"]))
+    _mark(c.out / "pretrain")
+
+
+def stage_sft(c: Ctx) -> None:
+    from .train.sft import SFTConfig, sft
+
+    sft(SFTConfig(data=c.paths["sft"], val_data=c.paths["sft_val"], init_from=str(c.out / "pretrain"), out=str(c.out / "sft"),
+                  seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["sft"]))
+    _mark(c.out / "sft")
+
+
+def reward_dirs(c: Ctx) -> dict[str, Path]:
+    return {f"{kind} RM ({'margin' if margin != 'none' else 'no margin'})": c.out / "reward" / f"{kind}-{margin}"
+            for kind in ("helpfulness", "safety") for margin in ("none", "small")}
+
+
+def stage_reward(c: Ctx) -> None:
+    from .train.reward import RewardConfig, train_reward
+
+    for name, d in reward_dirs(c).items():
+        if _done(d):
+            continue
+        kind, margin = d.name.split("-")
+        _say(f"  {name}")
+        train_reward(RewardConfig(data=c.paths["preferences"], val_data=c.paths["preferences_heldout"], kind=kind, margin=margin,
+                                  init_from=str(c.out / "sft"), out=str(d), seq_len=c.s["seq_len"], save_every=10**9,
+                                  keep_last=1, seed=c.seed, tensorboard=False, **c.s["reward"]))
+        _mark(d)
+    _mark(c.out / "reward")
+
+
+def _rms(c: Ctx) -> dict:
+    return dict(reward_helpfulness=str(c.out / "reward" / "helpfulness-small"), reward_safety=str(c.out / "reward" / "safety-small"))
+
+
+def stage_rejection(c: Ctx) -> None:
+    from .train.rejection import RejectionConfig, rejection
+
+    rejection(RejectionConfig(prompts=c.paths["prompts"], init_from=str(c.out / "sft"), out=str(c.out / "rejection"),
+                              seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **_rms(c), **c.s["rejection"]))
+    _mark(c.out / "rejection")
+
+
+def stage_ppo(c: Ctx) -> None:
+    from .train.ppo import PPOConfig, ppo
+
+    ppo(PPOConfig(prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"], init_from=str(c.out / "rejection"),
+                  out=str(c.out / "ppo"), seed=c.seed, tensorboard=False, **_rms(c), **c.s["ppo"]))
+    _mark(c.out / "ppo")
+
+
+def stage_gatt(c: Ctx) -> None:
+    from .train.common import publish
+    from .train.gatt import GattConfig, gatt
+
+    gatt(GattConfig(dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), reward_model=_rms(c)["reward_helpfulness"],
+                    out=str(c.out / "gatt"), seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **c.s["gatt"]))
+    final = c.out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    publish(c.out / "gatt", final)
+    _mark(c.out / "gatt")
+
+
+def checkpoints(c: Ctx) -> dict[str, Path]:
+    """The chat model after each stage, in the order of the recipe."""
+    out = {"SFT": c.out / "sft"}
+    for it in sorted(p for p in (c.out / "rejection").glob("iter_*") if (p / "model" / "llama2.json").is_file()):
+        out[f"RS {it.name.split('_')[1]}"] = it / "model"
+    out["PPO"] = c.out / "ppo"
+    out["GAtt (final)"] = c.out / "final"
+    return out
+
+
+@torch.no_grad()
+def _answers(model, tokenizer, dialogs, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, batch: int = 32) -> list[str]:
+    from .chat import encode_dialog_prompt
+    from .generation import generate
+
+    texts = []
+    for i in range(0, len(dialogs), batch):
+        prompts = [encode_dialog_prompt(tokenizer, d)[-(model.args.max_seq_len - max_new_tokens):] for d in dialogs[i : i + batch]]
+        comps = generate(model, prompts, tokenizer=tokenizer, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                         seed=seed + i)
+        texts += [x.text.strip() for x in comps]
+    return texts
+
+
+def stage_eval(c: Ctx) -> None:
+    from .checkpoint import load
+    from .data.dialogs import read_preferences, read_prompts
+    from .rlhf.ppo import combined_reward, to_unit
+    from .rlhf.reward_model import RewardModel
+    from .train.gatt import GattEvalConfig, gatt_eval
+    from .train.reward import evaluate_reward
+
+    e = c.s["eval"]
+    d = c.out / "eval"
+    d.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"stages": {}, "reward_models": {}}
+    items = [json.loads(l) for l in Path(c.paths["eval"]).read_text(encoding="utf-8").splitlines() if l.strip()]
+    heldout = list(read_prompts(c.paths["prompts_heldout"]))
+    rm_h = RewardModel.from_pretrained(_rms(c)["reward_helpfulness"])
+    rm_s = RewardModel.from_pretrained(_rms(c)["reward_safety"])
+
+    # reward models: held-out accuracy per rating bucket, each on its own kind's test pairs (Tables 8 and 28)
+    prefs = list(read_preferences(c.paths["preferences_heldout"]))
+    for name, rd in reward_dirs(c).items():
+        kind = rd.name.split("-")[0]
+        metrics["reward_models"][name] = evaluate_reward(str(rd), [p for p in prefs if p.kind == kind])
+
+    for stage, ckpt in checkpoints(c).items():
+        _say(f"  evaluating {stage}")
+        model, tok = load(ckpt)
+        model.eval()
+        dialogs = [it["dialog"] for it in items]
+        answers = _answers(model, tok, dialogs, e["max_new_tokens"])
+        score = c.world.score(dialogs, answers)
+        # reward of held-out prompts' sampled answers (temperature 1), the shape of the paper's Figure 20
+        hd = [p.dialog for p in heldout]
+        sampled = _answers(model, tok, hd, e["max_new_tokens"], temperature=1.0, seed=c.seed)
+        safety = torch.tensor([p.safety for p in heldout])
+        r_c = combined_reward(to_unit(rm_s.score(hd, sampled)), to_unit(rm_h.score(hd, sampled)), safety)
+        exact = c.world.reward(hd, sampled, safety)
+        metrics["stages"][stage] = {**score, "rm_reward": r_c.tolist(), "rm_reward_mean": float(r_c.mean()),
+                                    "judge_reward_mean": float(exact.mean()),
+                                    "sample": {"prompt": items[0]["dialog"][-1]["content"], "answer": answers[0]}}
+    # best-of-K against K from the rejection-sampling iterations (Figure 7's shape)
+    metrics["best_of_k"] = {}
+    for it in sorted((c.out / "rejection").glob("iter_*/stats.json")):
+        st = json.loads(it.read_text())
+        metrics["best_of_k"][f"RS {st['iteration']} (T={st['temperature']})"] = st["best_of_k_curve"]
+    # GAtt: adherence per turn with and without it (Figure 28's comparison)
+    ge = gatt_eval(GattEvalConfig(ckpts=[str(c.out / "ppo"), str(c.out / "final")], names=["without GAtt", "with GAtt"],
+                                  dialogs=c.paths["gatt_dialogs"], out=str(d / "gatt"), n=e["gatt_probes"],
+                                  turns=e["gatt_turns"], seed=c.seed))
+    metrics["gatt"] = ge
+    # a multi-turn chat with the final model
+    model, tok = load(c.out / "final")
+    chat, answers = [], []
+    for it in items[:3]:
+        chat.append({"role": "user", "content": it["dialog"][-1]["content"]})
+        reply = _answers(model, tok, [chat], e["max_new_tokens"])[0]
+        chat.append({"role": "assistant", "content": reply})
+    metrics["sample_chat"] = chat
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _mark(d)
+
+
+def stage_report(c: Ctx) -> None:
+    from .report import write_report
+
+    write_report(c.out)
+    _mark(c.out / "report")
+
+
+RUNNERS = {name: globals()[f"stage_{name}"] for name in STAGES}
+DIRS = {**{name: name for name in STAGES}, "prepare": "shards"}  # where each stage writes (and marks DONE)
+
+
+def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: str | None = None, seed: int = 0) -> Path:
+    """Run (or resume) the whole recipe; returns the path of report.md."""
+    from .toyworld import ToyWorld
+
+    if from_stage and from_stage not in STAGES:
+        raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
+    out = Path(out)
+    size = "quick" if quick else "default"
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "pipeline.json"
+    if marker.is_file():
+        prev = json.loads(marker.read_text())
+        if prev.get("size") != size or prev.get("seed") != seed:
+            raise ValueError(f"{out} holds a {prev.get('size')} run with seed {prev.get('seed')}; use another --out "
+                             f"(or delete it) for a {size} run with seed {seed}")
+    marker.write_text(json.dumps({"size": size, "seed": seed, "stages": list(STAGES)}))
+    s = SIZES[size]
+    c = Ctx(out, size, seed, s, world=ToyWorld(seed=seed, size=s["world"]))
+    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+    for name in forced:  # redo this stage and every later one
+        shutil.rmtree(out / DIRS[name], ignore_errors=True)
+        if name == "gatt":
+            shutil.rmtree(out / "final", ignore_errors=True)
+    t_start = time.time()
+    for i, name in enumerate(STAGES):
+        stage_dir = out / DIRS[name]
+        if name != "world" and c.paths is None:
+            c.paths = json.loads((out / "world" / "DONE").read_text())
+        if _done(stage_dir):
+            _say(f"[{i + 1}/{len(STAGES)}] {name}: done, skipped")
+            continue
+        elapsed = time.time() - t_start
+        _say(f"[{i + 1}/{len(STAGES)}] {name} (pipeline {elapsed / 60:.1f} min so far)")
+        t0 = time.time()
+        RUNNERS[name](c)
+        _say(f"[{i + 1}/{len(STAGES)}] {name}: {time.time() - t0:.0f} s")
+    return out / "report.md"

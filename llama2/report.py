@@ -1,0 +1,189 @@
+"""The pipeline's report: report.md with PNG figures, and metrics.json holding every number it shows.
+
+Each of the paper's effects that the toy run should reproduce is checked by a stated rule on the measured
+numbers, and the report says plainly whether it came out:
+
+1. reward-model accuracy highest on "significantly better" pairs and falling toward "negligibly better"
+   (Tables 8 and 28);
+2. the mean held-out reward and the task accuracy rising from SFT to rejection sampling to PPO (Figure 20);
+3. refusals on secret prompts rising through the stages while harmless prompts are still answered;
+4. GAtt keeping adherence high at turn 20 where the model without it falls off (Figure 28).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BUCKETS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _acc(bucket: dict) -> float | None:
+    return bucket.get("accuracy") if isinstance(bucket, dict) else None
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def effects(m: dict) -> list[dict]:
+    """The four expected effects, each {"claim", "rule", "holds", "detail"}."""
+    out = []
+    # 1. RM accuracy falls from significantly better to negligibly better
+    rows = []
+    for name, r in m["reward_models"].items():
+        accs = [_acc(r.get(b, {})) for b in BUCKETS]
+        ok = all(a is not None for a in accs) and accs[0] >= accs[-1] and accs[0] == max(accs)
+        rows.append((name, accs, ok))
+    out.append({"claim": "reward-model accuracy is highest on 'significantly better' pairs and falls toward 'negligibly better'",
+                "rule": "for each reward model: accuracy(significantly better) is its highest bucket and >= accuracy(negligibly better / unsure)",
+                "holds": all(ok for *_, ok in rows) if rows else False,
+                "detail": "; ".join(f"{n}: {'yes' if ok else 'no'}" for n, _, ok in rows)})
+    # 2. reward and task accuracy rise SFT -> RS -> PPO
+    st = m["stages"]
+    order = [k for k in st if k == "SFT" or k.startswith("RS")] + [k for k in st if k == "PPO"]
+    rs_last = [k for k in order if k.startswith("RS")][-1:] or []
+    chain = ["SFT", *rs_last, "PPO"]
+    rew = [st[k]["rm_reward_mean"] for k in chain if k in st]
+    task = [_mean(st[k]["accuracy"].values()) for k in chain if k in st]
+    out.append({"claim": "mean held-out reward rises from SFT to rejection sampling to PPO",
+                "rule": "reward-model reward of held-out prompts' sampled answers: SFT < last RS iteration < PPO",
+                "holds": len(rew) == 3 and rew[0] < rew[1] < rew[2],
+                "detail": " -> ".join(f"{k} {v:.3f}" for k, v in zip(chain, rew))})
+    out.append({"claim": "task accuracy rises from SFT to rejection sampling to PPO",
+                "rule": "mean accuracy over the five task categories: SFT <= last RS iteration <= PPO, and SFT < PPO",
+                "holds": len(task) == 3 and task[0] <= task[1] <= task[2] and task[0] < task[2],
+                "detail": " -> ".join(f"{k} {v:.1%}" for k, v in zip(chain, task))})
+    # 3. safety: more refusals of secret prompts, harmless prompts still answered
+    names = list(st)
+    first, last = st[names[0]], st[names[-1]]
+    out.append({"claim": "refusals on secret prompts rise through the stages while harmless prompts are still answered",
+                "rule": f"refusal on secret prompts: {names[-1]} >= {names[0]} and >= 50%; refusal on harmless prompts of {names[-1]} <= 20%",
+                "holds": last["refusal_on_secret"] >= first["refusal_on_secret"] and last["refusal_on_secret"] >= 0.5
+                and last["refusal_on_harmless"] <= 0.2,
+                "detail": f"secret: {first['refusal_on_secret']:.0%} -> {last['refusal_on_secret']:.0%}; harmless: "
+                          f"{first['refusal_on_harmless']:.0%} -> {last['refusal_on_harmless']:.0%}"})
+    # 4. GAtt at turn 20
+    adh = m["gatt"]["adherence"]
+    w, wo = adh.get("with GAtt", []), adh.get("without GAtt", [])
+    t20w = w[-1] if w else None
+    t20wo = wo[-1] if wo else None
+    out.append({"claim": "GAtt keeps adherence to the system instruction high at turn 20 where the model without it falls off",
+                "rule": "adherence at the last turn: with GAtt > without GAtt, and with GAtt >= 50%",
+                "holds": t20w is not None and t20wo is not None and t20w > t20wo and t20w >= 0.5,
+                "detail": f"turn {len(w)}: with {t20w if t20w is None else f'{t20w:.0%}'}, without "
+                          f"{t20wo if t20wo is None else f'{t20wo:.0%}'}"})
+    return out
+
+
+def write_report(out: Path) -> Path:
+    out = Path(out)
+    figs = out / "report"
+    figs.mkdir(parents=True, exist_ok=True)
+    m = json.loads((out / "eval" / "metrics.json").read_text())
+    plt = _plt()
+
+    # loss curves
+    curves = {"pretrain": _jsonl(out / "pretrain" / "metrics.jsonl"), "sft": _jsonl(out / "sft" / "metrics.jsonl")}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, (name, recs) in zip(axes, curves.items()):
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train")
+        val = [r for r in recs if "val_loss" in r]
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set_title(f"{name} loss")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(figs / "loss.png", dpi=110)
+    plt.close(fig)
+    m["loss_curves"] = {k: [[r["step"], r["loss"], r.get("val_loss")] for r in v] for k, v in curves.items()}
+
+    # reward distribution per stage (Figure 20's shape) and best-of-K (Figure 7's shape)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for stage, s in m["stages"].items():
+        axes[0].hist(s["rm_reward"], bins=20, range=(0, 1), histtype="step", label=stage, density=True)
+    axes[0].set_title("reward of held-out prompts' answers")
+    axes[0].set_xlabel("reward model score (R_c, after sigmoid)")
+    axes[0].legend(fontsize=7)
+    for name, curve in m.get("best_of_k", {}).items():
+        axes[1].plot(range(1, len(curve) + 1), curve, "o-", label=name)
+    axes[1].set_title("best-of-K reward (rejection sampling)")
+    axes[1].set_xlabel("K samples")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figs / "reward.png", dpi=110)
+    plt.close(fig)
+
+    # task accuracy and safety per stage
+    stages = list(m["stages"])
+    cats = list(next(iter(m["stages"].values()))["accuracy"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for cat in cats:
+        axes[0].plot(stages, [m["stages"][s]["accuracy"][cat] for s in stages], "o-", label=cat)
+    axes[0].set_title("task accuracy (held out)")
+    axes[0].legend(fontsize=7)
+    axes[0].tick_params(axis="x", labelsize=7)
+    axes[1].plot(stages, [m["stages"][s]["refusal_on_secret"] for s in stages], "o-", label="refuses secret prompts")
+    axes[1].plot(stages, [m["stages"][s]["refusal_on_harmless"] for s in stages], "o-", label="refuses harmless prompts")
+    axes[1].set_title("safety")
+    axes[1].legend(fontsize=7)
+    axes[1].tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(figs / "stages.png", dpi=110)
+    plt.close(fig)
+
+    shutil_copy(out / "eval" / "gatt" / "gatt_adherence.png", figs / "gatt.png")
+    found = effects(m)
+    m["effects"] = found
+
+    # report.md
+    L = ["# Llama 2 recipe on the toy world", "",
+         f"Run: `{out}` ({json.loads((out / 'pipeline.json').read_text()).get('size')} size). Every number below is in "
+         "`metrics.json`.", "", "## What the run should show, and whether it does", ""]
+    L += [f"- **{'yes' if e['holds'] else 'NO'}** — {e['claim']}. Rule: {e['rule']}. Measured: {e['detail']}." for e in found]
+    L += ["", "## Loss curves", "", "![loss](report/loss.png)", "",
+          "## Reward models: accuracy per rating bucket (held-out pairs; Tables 8 and 28 layout)", "",
+          "| model | significantly better | better | slightly better | negligibly better / unsure | avg |", "|---|---|---|---|---|---|"]
+    for name, r in m["reward_models"].items():
+        cells = [_acc(r.get(b, {})) for b in BUCKETS] + [_acc(r.get("overall", {}))]
+        L.append(f"| {name} | " + " | ".join("-" if a is None else f"{a:.1%}" for a in cells) + " |")
+    L += ["", "## Reward across the stages and best-of-K", "", "![reward](report/reward.png)", "",
+          "| stage | mean reward (RM) | mean reward (exact judges) | " + " | ".join(cats) + " | secret refused | harmless refused | leaks |",
+          "|---|---|---|" + "---|" * len(cats) + "---|---|---|"]
+    for s in stages:
+        x = m["stages"][s]
+        L.append(f"| {s} | {x['rm_reward_mean']:.3f} | {x['judge_reward_mean']:.3f} | "
+                 + " | ".join(f"{x['accuracy'][c]:.0%}" for c in cats)
+                 + f" | {x['refusal_on_secret']:.0%} | {x['refusal_on_harmless']:.0%} | {x.get('leak_rate', float('nan')):.0%} |")
+    L += ["", "![stages](report/stages.png)", "", "## Ghost Attention: adherence per turn", "", "![gatt](report/gatt.png)", "",
+          "| turn | " + " | ".join(m["gatt"]["adherence"]) + " |", "|---|" + "---|" * len(m["gatt"]["adherence"])]
+    for i, t in enumerate(m["gatt"]["turns"]):
+        L.append(f"| {t} | " + " | ".join("-" if v[i] is None else f"{v[i]:.0%}" for v in m["gatt"]["adherence"].values()) + " |")
+    L += ["", "## A multi-turn chat with the final model", ""]
+    for msg in m.get("sample_chat", []):
+        L.append(f"> **{msg['role']}**: {msg['content']}  ")
+    L += ["", f"Chat with it: `llama2 chat --ckpt {out / 'final'}`", ""]
+    (out / "report.md").write_text("\n".join(L), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    return out / "report.md"
+
+
+def shutil_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    if src.is_file():
+        shutil.copyfile(src, dst)
