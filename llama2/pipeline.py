@@ -39,13 +39,13 @@ SIZES = {
         eval=dict(max_new_tokens=32, gatt_probes=8, gatt_turns=20, k_curve=4),
     ),
     "default": dict(
-        world="default", vocab=1024, model="toy-small", seq_len=256,
+        world="default", world_overrides=dict(preferences=1200, prompts=300), vocab=1024, model="toy-small", seq_len=256,
         pretrain=dict(max_steps=120, batch_tokens=8192, micro_batch=16, lr=2e-3, warmup_steps=12, eval_every=40),
         sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
         reward=dict(epochs=1, batch_pairs=32, micro_batch=8, lr=1e-4),
-        rejection=dict(iterations=2, k=8, temperatures=[1.0, 1.1], max_new_tokens=48, epochs=2, batch_size=16,
+        rejection=dict(iterations=2, k=4, temperatures=[1.0, 1.1], max_new_tokens=48, epochs=2, batch_size=16,
                        micro_batch=8, lr=1e-4),
-        ppo=dict(iterations=20, rollout_batch=64, minibatch=16, micro_batch=8, lr=1e-5, value_lr=1e-4,
+        ppo=dict(iterations=12, rollout_batch=64, minibatch=16, micro_batch=8, lr=1e-5, value_lr=1e-4,
                  max_new_tokens=48, eval_every=4, patience=3),
         gatt=dict(turns=6, k=4, max_new_tokens=32, epochs=2, batch_size=16, micro_batch=8, lr=1e-4),
         eval=dict(max_new_tokens=48, gatt_probes=24, gatt_turns=20, k_curve=8),
@@ -287,7 +287,7 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
                              f"(or delete it) for a {size} run with seed {seed}")
     marker.write_text(json.dumps({"size": size, "seed": seed, "stages": list(STAGES)}))
     s = SIZES[size]
-    c = Ctx(out, size, seed, s, world=ToyWorld(seed=seed, size=s["world"]))
+    c = Ctx(out, size, seed, s, world=ToyWorld(seed=seed, size=s["world"], **s.get("world_overrides", {})))
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
     for name in forced:  # redo this stage and every later one
         shutil.rmtree(out / DIRS[name], ignore_errors=True)
