@@ -36,6 +36,7 @@ def test_one_iteration_raises_the_reward_of_a_token_preference(setup):
                     iterations=2, rollout_batch=256, minibatch=8, micro_batch=8, lr=1e-3, value_lr=1e-3, kl_beta=0.01,
                     max_new_tokens=4, eval_every=100, patience=0, tensorboard=False)
     hist = ppo(cfg, reward_fn=reward_fn)["history"]
+    print("ppo mean reward by iteration:", [round(h["reward"], 4) for h in hist])
     assert len(hist) == 2
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts come from pi_0 itself
     assert hist[1]["reward"] > hist[0]["reward"] + 0.04, [h["reward"] for h in hist]

@@ -23,7 +23,7 @@ __all__ = [
     "make_optimizer", "lr_at", "save_training_state", "load_training_state", "latest_checkpoint", "prune_checkpoints",
     "publish", "StopRequest", "Dist", "init_distributed", "wrap_model", "unwrap", "no_grad_sync", "clip_grad_norm",
     "full_state", "load_full_optimizer_state", "state_to_model", "MetricsLog",
-    "autocast_for", "save_checkpoint", "split_paths",
+    "autocast_for", "save_checkpoint", "split_paths", "start_training",
 ]
 
 
@@ -329,3 +329,32 @@ def split_paths(spec: "str | list[str] | tuple[str, ...]") -> list[str]:
     """Input files given as one path, comma-separated paths, or a list (from YAML)."""
     items = spec if isinstance(spec, (list, tuple)) else [spec]
     return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+
+
+def start_training(model: torch.nn.Module, d: Dist, out: Path, *, resume: bool, lr: float, weight_decay: float,
+                   activation_checkpointing: bool = False, compile: bool = False):
+    """What every trained stage does before its loop: load the newest checkpoint's weights when resuming (into the
+    whole model, before sharding, so a checkpoint from any number of ranks loads), set activation checkpointing
+    and torch.compile (per block, as FSDP wraps them), wrap for FSDP/DDP, build the paper's AdamW, and restore the
+    optimizer state. Returns (model, optimizer, start_step, trainer state or None)."""
+    from ..checkpoint import load
+
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        weights, _ = load(ckpt, device=d.device)
+        model.load_state_dict(weights.state_dict())
+        del weights
+    model.gradient_checkpointing = activation_checkpointing
+    if compile:
+        for block in model.layers:
+            block.compile()
+    model.train()
+    model = wrap_model(model, d)
+    opt = make_optimizer(model, lr, weight_decay)
+    state = None
+    if ckpt is not None:
+        state = load_training_state(ckpt)
+        load_full_optimizer_state(model, opt, state["optimizer"])
+        if d.main:
+            print(f"resumed from {ckpt} at step {state['step']} ({d.world} rank(s))", file=sys.stderr)
+    return model, opt, (state["step"] if state else 0), state

@@ -138,11 +138,12 @@ def _rollout_tensors(prompt_ids: list[list[int]], answers: list[list[int]], devi
     return tokens.to(device), mask.to(device)
 
 
-def _logprobs_and_entropy(model, tokens, mask, autocast):
+def _logprobs(model, tokens, mask, autocast, entropy: bool = False):
+    """Log-probabilities (B, L-1) of each next token, and (for monitoring, when asked) the mean entropy."""
     with autocast:
         logits = model(tokens)  # (B, L, V)
     lp = token_logprobs(logits[:, :-1], tokens[:, 1:])  # (B, L-1)
-    return lp, entropy_from_logits(logits[:, :-1].detach(), mask)
+    return lp, (entropy_from_logits(logits[:, :-1].detach(), mask) if entropy else None)
 
 
 def _values(model, tokens, autocast):
@@ -280,8 +281,8 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
                 else:
                     scores = whiten(scores)
                 with torch.no_grad():
-                    old_lp, _ = _logprobs_and_entropy(policy, tokens, mask, autocast)
-                    ref_lp, _ = _logprobs_and_entropy(reference, tokens.to(frozen_device), mask.to(frozen_device), autocast)
+                    old_lp, _ = _logprobs(policy, tokens, mask, autocast)
+                    ref_lp, _ = _logprobs(reference, tokens.to(frozen_device), mask.to(frozen_device), autocast)
                     ref_lp = ref_lp.to(d.device)
                     old_v = _values(value, tokens, autocast)
                     rewards = token_rewards(scores, old_lp, ref_lp, mask, cfg.kl_beta)  # (B, L-1)
@@ -297,7 +298,7 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
                     n_micro = mb_rank // cfg.micro_batch
                     for j in range(n_micro):
                         idx = idx_mb[j * cfg.micro_batch : (j + 1) * cfg.micro_batch]
-                        lp, ent = _logprobs_and_entropy(policy, tokens[idx], mask[idx], autocast)
+                        lp, ent = _logprobs(policy, tokens[idx], mask[idx], autocast, entropy=True)
                         pl, s = ppo_policy_loss(lp, old_lp[idx], adv[idx], mask[idx], cfg.clip)
                         (pl / n_micro).backward()
                         v = _values(value, tokens[idx], autocast)

@@ -30,8 +30,8 @@ from ..model import ModelArgs, Transformer
 from ..perf import flops_per_token, measure_matmul_flops, peak_memory_bytes
 from ..tokenizer import Tokenizer
 from .common import (
-    Dist, MetricsLog, StopRequest, autocast_for, clip_grad_norm, init_distributed, latest_checkpoint, load_full_optimizer_state,
-    load_training_state, lr_at, make_optimizer, no_grad_sync, save_checkpoint, wrap_model,
+    autocast_for, clip_grad_norm, Dist, init_distributed, lr_at, MetricsLog, no_grad_sync, save_checkpoint,
+    start_training, StopRequest,
 )
 
 
@@ -160,24 +160,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     args = model.args
     if args.vocab_size < manifest["vocab_size"]:
         raise ValueError(f"model vocab {args.vocab_size} < data vocab {manifest['vocab_size']}")
-    start_step, ckpt = 0, latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:  # weights go in before sharding; a checkpoint from any number of ranks loads here
-        weights, _ = load(ckpt, device=d.device)
-        model.load_state_dict(weights.state_dict())
-        del weights
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    if cfg.compile:
-        for block in model.layers:  # per block, as FSDP wraps them; the first steps pay the compile time
-            block.compile()
-    model.train()
-    model = wrap_model(model, d)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if ckpt is not None:
-        state = load_training_state(ckpt)
-        load_full_optimizer_state(model, opt, state["optimizer"])
-        start_step = state["step"]
-        if d.main:
-            print(f"resumed from {ckpt} at step {start_step} ({d.world} rank(s))", file=sys.stderr)
+    model, opt, start_step, _ = start_training(model, d, out, resume=cfg.resume, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))

@@ -51,8 +51,8 @@ from ..rlhf.reward import MARGINS, accuracy_by_rating, format_accuracy_table, ma
 from ..rlhf.reward_model import REWARD_CONFIG_FILE, RewardModel, reward_model_from_chat, score_batch
 from ..tokenizer import Tokenizer
 from .common import (
-    Dist, MetricsLog, StopRequest, autocast_for, clip_grad_norm, init_distributed, latest_checkpoint, load_full_optimizer_state,
-    load_training_state, lr_at, make_optimizer, no_grad_sync, save_checkpoint, unwrap, wrap_model, split_paths,
+    autocast_for, clip_grad_norm, Dist, init_distributed, lr_at, MetricsLog, no_grad_sync, save_checkpoint,
+    split_paths, start_training, StopRequest, unwrap,
 )
 
 __all__ = ["RewardConfig", "train_reward", "evaluate_reward", "batch_indices"]
@@ -286,23 +286,11 @@ def train_reward(cfg: RewardConfig) -> dict:
     per_rank = cfg.batch_pairs // d.world
     accum = per_rank // cfg.micro_batch  # micro-batches per rank per optimizer step
 
-    start_step, ckpt = 0, latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:  # weights go in before sharding; a checkpoint from any number of ranks loads here
-        weights, _ = load(ckpt, device=d.device)
-        model.load_state_dict(weights.state_dict())
-        del weights
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    model.train()
-    model = wrap_model(model, d)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if ckpt is not None:
-        state = load_training_state(ckpt)
-        load_full_optimizer_state(model, opt, state["optimizer"])
-        start_step = state["step"]
-        if state["extra"].get("n_pairs", n) != n:
-            say(f"warning: the checkpoint was trained on {state['extra']['n_pairs']} pairs, this data has {n}: "
-                "the resumed run does not continue the same data order")
-        say(f"resumed from {ckpt} at step {start_step} ({d.world} rank(s))")
+    model, opt, start_step, state = start_training(model, d, out, resume=cfg.resume, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                   activation_checkpointing=cfg.activation_checkpointing)
+    if state is not None and state["extra"].get("n_pairs", n) != n:
+        say(f"warning: the checkpoint was trained on {state['extra']['n_pairs']} pairs, this data has {n}: "
+            "the resumed run does not continue the same data order")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"kind": cfg.kind, "margin": cfg.margin, "init_from": cfg.init_from, "train_pairs": n,

@@ -34,8 +34,8 @@ from ..data.dialogs import IGNORE_INDEX, SFTExample, collate, encode_sft_example
 from ..model import ModelArgs, Transformer
 from ..tokenizer import Tokenizer
 from .common import (
-    Dist, MetricsLog, StopRequest, autocast_for, clip_grad_norm, init_distributed, latest_checkpoint, load_full_optimizer_state,
-    load_training_state, lr_at, make_optimizer, no_grad_sync, save_checkpoint, wrap_model, split_paths,
+    autocast_for, clip_grad_norm, Dist, init_distributed, lr_at, MetricsLog, no_grad_sync, save_checkpoint,
+    split_paths, start_training, StopRequest,
 )
 
 
@@ -208,21 +208,8 @@ def sft(cfg: SFTConfig) -> dict:
               f"{len(val_ex)} validation dialogs; {max_steps} steps of {cfg.batch_size} rows", file=sys.stderr)
 
     # -- resume, wrap, optimizer ---------------------------------------------------------------------------------
-    start_step, ckpt = 0, latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        weights, _ = load(ckpt, device=d.device)
-        model.load_state_dict(weights.state_dict())
-        del weights
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    model.train()
-    model = wrap_model(model, d)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if ckpt is not None:
-        state = load_training_state(ckpt)
-        load_full_optimizer_state(model, opt, state["optimizer"])
-        start_step = state["step"]
-        if d.main:
-            print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
+    model, opt, start_step, _ = start_training(model, d, out, resume=cfg.resume, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               activation_checkpointing=cfg.activation_checkpointing)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=2))
