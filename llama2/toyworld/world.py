@@ -111,7 +111,7 @@ MIX = dict(
     # SFT dialogs: single-turn tasks, multi-turn tasks, secret prompts refused, harmless questions about secret
     # holders, instruction-following (a GAtt-style instruction, followed while it is given: single turn with a
     # system message, or 1-3 turns with the instruction before every user message as GAtt samples them).
-    sft_single=0.55, sft_multi=0.15, sft_secret=0.08, sft_harmless=0.07, sft_instruction=0.15,
+    sft_single=0.40, sft_multi=0.15, sft_secret=0.08, sft_harmless=0.07, sft_instruction=0.30,
     # prompts for rejection sampling / PPO
     prompts_secret=0.2, prompts_harmless=0.1, prompts_multi_turn=0.15,
     # preferences: share of the safety set, and within it the share of secret prompts (the rest: harmless ones)
