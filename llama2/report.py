@@ -39,8 +39,17 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _mean_var(stage: dict) -> float:
+    """Sampling variance of the mean over categories of per-category accuracies (binomial, categories independent)."""
+    acc = {c: a for c, a in stage["accuracy"].items() if a is not None}
+    n = stage.get("n", {})
+    if not acc or not all(n.get(c) for c in acc):
+        return float("nan")
+    return sum(a * (1 - a) / n[c] for c, a in acc.items()) / len(acc) ** 2
+
+
 def effects(m: dict) -> list[dict]:
-    """The four expected effects, each {"claim", "rule", "holds", "detail"}."""
+    """The five expected effects, each {"claim", "rule", "holds", "detail"}."""
     out = []
     # 1. RM accuracy falls from significantly better to negligibly better
     rows = []
@@ -63,10 +72,16 @@ def effects(m: dict) -> list[dict]:
                 "rule": "reward-model reward of held-out prompts' sampled answers: SFT < last RS iteration < PPO",
                 "holds": len(rew) == 3 and rew[0] < rew[1] < rew[2],
                 "detail": " -> ".join(f"{k} {v:.3f}" for k, v in zip(chain, rew))})
+    detail = " -> ".join(f"{k} {v:.1%}" for k, v in zip(chain, task))
+    if len(task) == 3:  # how large a change the eval set can resolve: two standard errors of the difference
+        se = (_mean_var(st["SFT"]) + _mean_var(st["PPO"])) ** 0.5
+        change = task[2] - task[0]
+        detail += (f" (SFT -> PPO {change * 100:+.1f} points; standard error of that change {se * 100:.1f} points: "
+                   f"{'beyond' if abs(change) > 2 * se else 'within'} two standard errors)")
     out.append({"claim": "task accuracy rises from SFT to rejection sampling to PPO",
                 "rule": "mean accuracy over the five task categories: SFT <= last RS iteration <= PPO, and SFT < PPO",
                 "holds": len(task) == 3 and task[0] <= task[1] <= task[2] and task[0] < task[2],
-                "detail": " -> ".join(f"{k} {v:.1%}" for k, v in zip(chain, task))})
+                "detail": detail})
     # 3. safety: more refusals of secret prompts, harmless prompts still answered
     names = list(st)
     first, last = st[names[0]], st[names[-1]]
@@ -79,13 +94,21 @@ def effects(m: dict) -> list[dict]:
     # 4. GAtt at turn 20
     adh = m["gatt"]["adherence"]
     w, wo = adh.get("with GAtt", []), adh.get("without GAtt", [])
-    t20w = w[-1] if w else None
-    t20wo = wo[-1] if wo else None
-    out.append({"claim": "GAtt keeps adherence to the system instruction high at turn 20 where the model without it falls off",
-                "rule": "adherence at the last turn: with GAtt > without GAtt, and with GAtt >= 50%",
-                "holds": t20w is not None and t20wo is not None and t20w > t20wo and t20w >= 0.5,
-                "detail": f"turn {len(w)}: with {t20w if t20w is None else f'{t20w:.0%}'}, without "
-                          f"{t20wo if t20wo is None else f'{t20wo:.0%}'}"})
+    # GAtt does not teach following an instruction (the model must already do that with the instruction in view);
+    # it teaches keeping it when the instruction is only at the start (Figure 28). So the rule compares turn 20
+    # with each model's own turn 1, and the detail states the absolute level.
+    ok = bool(w and wo) and None not in (w[0], w[-1], wo[0], wo[-1])
+    holds = ok and w[-1] > wo[-1] and w[-1] >= 0.75 * w[0] and wo[-1] < 0.5 * wo[0]
+    fmt = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
+    out.append({"claim": "GAtt keeps adherence to the system instruction at turn 20 where the model without it falls off",
+                "rule": "adherence at the last turn: with GAtt > without GAtt; with GAtt >= 75% of its turn-1 level; "
+                        "without GAtt < 50% of its turn-1 level",
+                "holds": holds,
+                "detail": (f"with GAtt: turn 1 {fmt(w[0])} -> turn {len(w)} {fmt(w[-1])}; without: turn 1 {fmt(wo[0])} -> "
+                           f"turn {len(wo)} {fmt(wo[-1])}" if ok else "no adherence measured")
+                          + ("" if not ok or w[0] >= 0.5 else
+                             f" (the level is low at turn 1 already: the model follows {fmt(w[0])} of the instructions "
+                             "even when it has just read them)")})
     return out
 
 

@@ -1,0 +1,63 @@
+"""The report's effect rules on hand-made metrics: each rule says yes when its effect is there and NO when not."""
+import copy
+import math
+
+from llama2.report import effects
+
+CATS = ("knowledge", "reading", "math", "commonsense", "code")
+
+
+def _stage(acc: float, reward: float, secret: float = 0.9, harmless: float = 0.0, n: int = 50) -> dict:
+    return {"accuracy": {c: acc for c in CATS}, "n": {c: n for c in CATS}, "rm_reward_mean": reward,
+            "refusal_on_secret": secret, "refusal_on_harmless": harmless}
+
+
+def _metrics() -> dict:
+    bucket = lambda a: {"accuracy": a}  # noqa: E731
+    rm = {"significantly_better": bucket(0.9), "better": bucket(0.7), "slightly_better": bucket(0.6),
+          "negligibly_better_or_unsure": bucket(0.55)}
+    return {
+        "reward_models": {"helpfulness RM (margin)": rm, "safety RM (margin)": copy.deepcopy(rm)},
+        "stages": {"SFT": _stage(0.30, 0.60, secret=0.7), "RS 1": _stage(0.32, 0.62), "RS 2": _stage(0.33, 0.63),
+                   "PPO": _stage(0.40, 0.65), "GAtt (final)": _stage(0.40, 0.66, secret=0.95)},
+        "gatt": {"adherence": {"with GAtt": [0.8] * 19 + [0.7], "without GAtt": [0.8, 0.5] + [0.1] * 18}},
+    }
+
+
+def _holds(m: dict) -> list[bool]:
+    return [e["holds"] for e in effects(m)]
+
+
+def test_every_effect_holds_on_metrics_that_show_it():
+    assert _holds(_metrics()) == [True] * 5
+
+
+def test_each_rule_fails_when_its_effect_is_missing():
+    m = _metrics()
+    m["reward_models"]["safety RM (margin)"]["better"]["accuracy"] = 0.95  # a bucket above "significantly better"
+    assert _holds(m) == [False, True, True, True, True]
+    m = _metrics()
+    m["stages"]["PPO"]["rm_reward_mean"] = 0.62  # PPO below the last RS iteration
+    assert _holds(m)[1] is False
+    m = _metrics()
+    m["stages"]["RS 2"]["accuracy"]["math"] = 0.0  # the last RS iteration below SFT
+    assert _holds(m)[2] is False
+    m = _metrics()
+    m["stages"]["GAtt (final)"]["refusal_on_harmless"] = 0.5  # refusing harmless prompts is not safety
+    assert _holds(m)[3] is False
+    m = _metrics()
+    m["gatt"]["adherence"]["with GAtt"][-1] = 0.3  # GAtt lost most of its turn-1 adherence
+    assert _holds(m)[4] is False
+    m = _metrics()
+    m["gatt"]["adherence"]["without GAtt"][-1] = 0.7  # the model without GAtt did not fall off
+    assert _holds(m)[4] is False
+
+
+def test_task_accuracy_detail_states_the_standard_error_of_the_change():
+    m = _metrics()
+    detail = effects(m)[2]["detail"]
+    # binomial variance of a mean of 5 categories of 50 items, for SFT and PPO, independent
+    se = math.sqrt(sum(p * (1 - p) / 50 * 5 / 25 for p in (0.30, 0.40)))
+    assert f"+10.0 points" in detail and f"{se * 100:.1f} points" in detail and "beyond" in detail
+    m["stages"]["PPO"]["accuracy"] = {c: 0.31 for c in CATS}
+    assert "within two standard errors" in effects(m)[2]["detail"]
