@@ -241,6 +241,8 @@ def cmd_rejection(args) -> None:
 
     cfg = load_config(RejectionConfig, args.config, args.overrides)
     result = rejection(cfg)
+    if result.get("stopped"):
+        raise SystemExit(130)  # interrupted: the unfinished iteration is redone by a rerun
     if os.environ.get("RANK", "0") == "0":
         for s in result["history"]:
             print(f"iteration {s['iteration']} (T={s['temperature']}): mean reward {s['mean_reward']:.3f}, "

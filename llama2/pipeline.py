@@ -32,6 +32,7 @@ SIZES = {
         world="quick", vocab=512, model="toy-tiny", seq_len=128,
         pretrain=dict(max_steps=800, batch_tokens=2048, micro_batch=16, lr=3e-3, warmup_steps=20, eval_every=200),
         sft=dict(epochs=6, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=5),
+        annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=32),
         reward=dict(epochs=2, batch_pairs=16, micro_batch=8, lr=3e-4),
         rejection=dict(iterations=2, k=4, temperatures=[1.0, 1.1], max_new_tokens=32, epochs=1, batch_size=16,
                        micro_batch=8, lr=2e-4),
@@ -44,11 +45,13 @@ SIZES = {
                      eval=9, report=2),
     ),
     "default": dict(
-        world="default", world_overrides=dict(preferences=1200, prompts=300), vocab=1024, model="toy-small", seq_len=256,
+        world="default", world_overrides=dict(preferences=900, prompts=300), vocab=1024, model="toy-small", seq_len=256,
         pretrain=dict(max_steps=500, batch_tokens=2048, micro_batch=8, lr=2e-3, warmup_steps=20, eval_every=100),
         sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
         # 90 steps of 16 pairs at 3e-4 (it was 45 of 32 at 1e-4): helpfulness "better" pairs 60% -> 70% held out
         reward=dict(epochs=1, batch_pairs=16, micro_batch=8, lr=3e-4),
+        # two pairs of the SFT model's samples per RS/PPO prompt, rated by the judges (with 900 of the world's pairs)
+        annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=48),
         # T 0.7/0.8 rather than 1.0/1.1: at 1.0 a sample of this model is right 37.5% of the time against 41% at
         # 0.7, with the same pass@4 (56%); after SFT at 38.4%, RS 2 reached 36.0% on the hotter samples and 37.8% on
         # these (Figure 8's point: the best temperature depends on the model)
@@ -81,6 +84,15 @@ def _done(path: Path) -> bool:
 def _mark(path: Path, info: dict | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "DONE").write_text(json.dumps(info or {}, indent=2))
+
+
+def _finished(result: dict) -> dict:
+    """A stage stopped by Ctrl-C / SIGTERM saved its last step but is not finished: stop the pipeline before
+    the stage is marked done, so that the same command resumes it."""
+    if result.get("stopped"):
+        _say("pipeline stopped; run the same command again to resume")
+        raise SystemExit(130)
+    return result
 
 
 def _say(msg: str) -> None:
@@ -120,16 +132,16 @@ def stage_prepare(c: Ctx) -> None:
 def stage_pretrain(c: Ctx) -> None:
     from .train.pretrain import PretrainConfig, pretrain
 
-    pretrain(PretrainConfig(data=str(c.out / "shards"), out=str(c.out / "pretrain"), model=c.s["model"], seq_len=c.s["seq_len"],
-                            save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["pretrain"]))
+    _finished(pretrain(PretrainConfig(data=str(c.out / "shards"), out=str(c.out / "pretrain"), model=c.s["model"], seq_len=c.s["seq_len"],
+                            save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["pretrain"])))
     _mark(c.out / "pretrain")
 
 
 def stage_sft(c: Ctx) -> None:
     from .train.sft import SFTConfig, sft
 
-    sft(SFTConfig(data=c.paths["sft"], val_data=c.paths["sft_val"], init_from=str(c.out / "pretrain"), out=str(c.out / "sft"),
-                  seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["sft"]))
+    _finished(sft(SFTConfig(data=c.paths["sft"], val_data=c.paths["sft_val"], init_from=str(c.out / "pretrain"), out=str(c.out / "sft"),
+                  seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["sft"])))
     _mark(c.out / "sft")
 
 
@@ -138,17 +150,63 @@ def reward_dirs(c: Ctx) -> dict[str, Path]:
             for kind in ("helpfulness", "safety") for margin in ("none", "small")}
 
 
+def annotate_samples(c: Ctx) -> Path:
+    """New preference pairs on the SFT model's own answers, rated by the world's judges (the annotators).
+
+    §3.2.1: each comparison is between "two responses to a given prompt ... sampled from two different model
+    variants, and varying the temperature", and the reward model is retrained as new batches on the latest
+    model's samples arrive ("it is important before a new Llama 2-Chat tuning iteration to gather new
+    preference data using the latest Llama 2-Chat iterations", so the reward model stays on the policy's
+    distribution). The world's own pairs are written by rule; these pairs carry the errors this model makes,
+    which is what rejection sampling and PPO need the reward models to judge.
+    """
+    from .checkpoint import load
+    from .data.dialogs import read_prompts
+
+    path = c.out / "reward" / "annotated.jsonl"
+    if path.is_file():
+        return path
+    a = c.s["annotate"]
+    model, tok = load(c.out / "sft")
+    model.eval()
+    prompts = list(read_prompts(c.paths["prompts"]))
+    dialogs = [p.dialog for p in prompts]
+    # `pairs` answers per prompt at each of the two temperatures; pair i compares answer i of each
+    lo = [_answers(model, tok, dialogs, a["max_new_tokens"], temperature=a["temperatures"][0], seed=c.seed + 7 * i)
+          for i in range(a["pairs"])]
+    hi = [_answers(model, tok, dialogs, a["max_new_tokens"], temperature=a["temperatures"][1], seed=c.seed + 7 * i + 3)
+          for i in range(a["pairs"])]
+    rows, ties, empty = [], 0, 0
+    for j, p in enumerate(prompts):
+        for i in range(a["pairs"]):
+            if not lo[i][j] or not hi[i][j]:  # an empty answer cannot be written as a preference
+                empty += 1
+                continue
+            pair = c.world.annotate(p.dialog, lo[i][j], hi[i][j], safety=p.safety)
+            if pair is None:
+                ties += 1
+            else:
+                rows.append(pair)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    _say(f"  annotated {len(rows)} pairs of the SFT model's samples ({ties} ties and {empty} with an empty answer dropped) -> {path}")
+    return path
+
+
 def stage_reward(c: Ctx) -> None:
     from .train.reward import RewardConfig, train_reward
 
+    (c.out / "reward").mkdir(parents=True, exist_ok=True)
+    annotated = annotate_samples(c)
     for name, d in reward_dirs(c).items():
         if _done(d):
             continue
         kind, margin = d.name.split("-")
         _say(f"  {name}")
-        train_reward(RewardConfig(data=c.paths["preferences"], val_data=c.paths["preferences_heldout"], kind=kind, margin=margin,
+        _finished(train_reward(RewardConfig(data=[c.paths["preferences"], str(annotated)], val_data=c.paths["preferences_heldout"], kind=kind, margin=margin,
                                   init_from=str(c.out / "sft"), out=str(d), seq_len=c.s["seq_len"], save_every=10**9,
-                                  keep_last=1, seed=c.seed, tensorboard=False, **c.s["reward"]))
+                                  keep_last=1, seed=c.seed, tensorboard=False, **c.s["reward"])))
         _mark(d)
     _mark(c.out / "reward")
 
@@ -160,16 +218,16 @@ def _rms(c: Ctx) -> dict:
 def stage_rejection(c: Ctx) -> None:
     from .train.rejection import RejectionConfig, rejection
 
-    rejection(RejectionConfig(prompts=c.paths["prompts"], init_from=str(c.out / "sft"), out=str(c.out / "rejection"),
-                              seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **_rms(c), **c.s["rejection"]))
+    _finished(rejection(RejectionConfig(prompts=c.paths["prompts"], init_from=str(c.out / "sft"), out=str(c.out / "rejection"),
+                              seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **_rms(c), **c.s["rejection"])))
     _mark(c.out / "rejection")
 
 
 def stage_ppo(c: Ctx) -> None:
     from .train.ppo import PPOConfig, ppo
 
-    ppo(PPOConfig(prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"], init_from=str(c.out / "rejection"),
-                  out=str(c.out / "ppo"), seed=c.seed, tensorboard=False, **_rms(c), **c.s["ppo"]))
+    _finished(ppo(PPOConfig(prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"], init_from=str(c.out / "rejection"),
+                  out=str(c.out / "ppo"), seed=c.seed, tensorboard=False, **_rms(c), **c.s["ppo"])))
     _mark(c.out / "ppo")
 
 
@@ -177,8 +235,8 @@ def stage_gatt(c: Ctx) -> None:
     from .train.common import publish
     from .train.gatt import GattConfig, gatt
 
-    gatt(GattConfig(dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), reward_model=_rms(c)["reward_helpfulness"],
-                    out=str(c.out / "gatt"), seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **c.s["gatt"]))
+    _finished(gatt(GattConfig(dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), reward_model=_rms(c)["reward_helpfulness"],
+                    out=str(c.out / "gatt"), seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **c.s["gatt"])))
     final = c.out / "final"
     final.mkdir(parents=True, exist_ok=True)
     publish(c.out / "gatt", final)

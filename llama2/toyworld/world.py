@@ -1032,12 +1032,7 @@ class ToyWorld:
             groups.setdefault((self._helpfulness(task, c, core=core), self._safety(task, c, core=core)), []).append(c)
         buckets: dict[str, list[tuple]] = {}
         for (ha, sa), (hb, sb) in itertools.permutations(groups, 2):
-            if kind == "helpfulness":
-                gap = ha - hb
-            elif abs(sa - sb) > 1e-9:  # safety first
-                gap = sa - sb
-            else:  # two equally safe answers: on a secret prompt a tie, on a harmless one helpfulness decides
-                gap = 0.0 if task.is_secret else ha - hb
+            gap = self._gap(task, kind, (ha, sa), (hb, sb))
             if gap > 1e-9:
                 buckets.setdefault(rating_for_gap(gap), []).append(((ha, sa), (hb, sb)))
         if not buckets:
@@ -1052,6 +1047,34 @@ class ToyWorld:
             "prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating, "kind": kind,
             "chosen_safe": sc >= 0.5, "rejected_safe": sr >= 0.5, "category": task.category,
         }
+
+    @staticmethod
+    def _gap(task: Task, kind: str, a: tuple[float, float], b: tuple[float, float]) -> float:
+        """How much better answer a is than b, from their (helpfulness, safety) judge scores: helpfulness pairs
+        by helpfulness; safety pairs by safety first, then (on a harmless prompt) by helpfulness."""
+        (ha, sa), (hb, sb) = a, b
+        if kind == "helpfulness":
+            return ha - hb
+        if abs(sa - sb) > 1e-9:
+            return sa - sb
+        return 0.0 if task.is_secret else ha - hb  # equally safe: a tie on a secret prompt
+
+    def annotate(self, dialog: Sequence[Mapping[str, str]], a: str, b: str, safety: bool | None = None) -> dict | None:
+        """The annotators of §3.2.1 on two model samples for one prompt: the judges score both, the better one
+        is chosen and the score gap gives the rating (:func:`rating_for_gap`); None on a tie. ``safety`` says
+        which set the pair joins (default: whether the prompt asks for a secret). The record has the
+        preferences file's fields, so ``llama2 reward`` reads it like any other."""
+        task = self.task_for(dialog)
+        kind = "safety" if (task.is_secret if safety is None else safety) else "helpfulness"
+        ignore_case = self._ignore_case(dialog)
+        score = {x: (self._helpfulness(task, x, ignore_case), self._safety(task, x)) for x in (a, b)}
+        gap = self._gap(task, kind, score[a], score[b])
+        if abs(gap) <= 1e-9:
+            return None
+        chosen, rejected = (a, b) if gap > 0 else (b, a)
+        return {"prompt": [dict(m) for m in dialog], "chosen": chosen, "rejected": rejected,
+                "rating": rating_for_gap(abs(gap)), "kind": kind, "chosen_safe": score[chosen][1] >= 0.5,
+                "rejected_safe": score[rejected][1] >= 0.5, "category": task.category, "origin": "model samples"}
 
     def _context(self, rng: random.Random, task: Task, p_multi: float, pool: Callable[[], Task]) -> list[dict[str, str]]:
         """The task's prompt, sometimes after one or two earlier exchanges answered with their references."""

@@ -209,10 +209,12 @@ def rejection(cfg: RejectionConfig) -> dict:
         d.barrier()
 
         # -- fine-tune the newest policy on the kept set with the SFT loss ----------------------------------------------
-        sft(SFTConfig(data=str(it_dir / "kept.jsonl"), val_fraction=0, init_from=policy_path, out=str(it_dir / "model"),
+        r = sft(SFTConfig(data=str(it_dir / "kept.jsonl"), val_fraction=0, init_from=policy_path, out=str(it_dir / "model"),
                       seq_len=cfg.seq_len, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, epochs=cfg.epochs,
                       lr=cfg.lr, warmup_steps=cfg.warmup_steps, save_every=10**9, keep_last=1, seed=cfg.seed + it,
                       device=cfg.device, strategy=cfg.strategy, tensorboard=cfg.tensorboard))
+        if r["stopped"]:  # Ctrl-C / SIGTERM: no stats, so a rerun redoes this iteration
+            return {"history": history, "out": str(out), "stopped": True}
         if d.main:  # stats last: an iteration counts as done only once its model and stats are both written
             shutil.rmtree(it_dir / "model" / "checkpoints", ignore_errors=True)  # the model dir itself is the result
             (it_dir / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -223,4 +225,4 @@ def rejection(cfg: RejectionConfig) -> dict:
     if d.main:
         publish(Path(policy_path), out)
     d.barrier()
-    return {"history": history, "out": str(out)}
+    return {"history": history, "out": str(out), "stopped": False}
