@@ -61,7 +61,7 @@ SIZES = {
                  max_new_tokens=48, eval_every=4, patience=3),
         gatt=dict(turns=6, k=4, max_new_tokens=32, epochs=2, batch_size=16, micro_batch=8, lr=1e-4),
         eval=dict(max_new_tokens=48, gatt_probes=24, gatt_turns=20, k_curve=8),
-        seconds=dict(world=2, tokenizer=1, prepare=1, pretrain=333, sft=87, reward=252, rejection=82, ppo=132, gatt=65,
+        seconds=dict(world=2, tokenizer=1, prepare=1, pretrain=341, sft=93, reward=270, rejection=85, ppo=177, gatt=56,
                      eval=88, report=1),
     ),
 }
