@@ -58,6 +58,6 @@ def test_task_accuracy_detail_states_the_standard_error_of_the_change():
     detail = effects(m)[2]["detail"]
     # binomial variance of a mean of 5 categories of 50 items, for SFT and PPO, independent
     se = math.sqrt(sum(p * (1 - p) / 50 * 5 / 25 for p in (0.30, 0.40)))
-    assert f"+10.0 points" in detail and f"{se * 100:.1f} points" in detail and "beyond" in detail
+    assert "+10.0 points" in detail and f"{se * 100:.1f} points" in detail and "beyond" in detail
     m["stages"]["PPO"]["accuracy"] = {c: 0.31 for c in CATS}
     assert "within two standard errors" in effects(m)[2]["detail"]
