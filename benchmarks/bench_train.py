@@ -37,7 +37,7 @@ from llama2.model import ModelArgs, Transformer  # noqa: E402
 from llama2.perf import (  # noqa: E402
     current_rss_bytes, flops_per_token, measure_matmul_flops, peak_memory_bytes, reset_peak_memory,
 )
-from llama2.train.common import make_optimizer  # noqa: E402
+from llama2.train.loop import make_optimizer  # noqa: E402
 
 ARGS = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=32000, multiple_of=256, max_seq_len=256)
 BATCH, SEQ = 8, 256

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Try `llama2 prepare` and `llama2 pretrain` on real English text: Debian's bible-kjv and fortunes packages,
-# tokenized with the real Llama 2 vocabulary (tests/data/ggml-vocab-llama-spm.gguf). Installs the two packages
+# tokenized with the real Llama 2 vocabulary (tests/assets/ggml-vocab-llama-spm.gguf). Installs the two packages
 # when missing (needs apt and root). Usage: bash benchmarks/real_corpus.sh [OUT] [MAX_STEPS]
 set -euo pipefail
 OUT=${1:-runs/real}
@@ -19,7 +19,7 @@ for f in /usr/share/games/fortunes/*; do
 done > "$OUT/text/fortunes.txt"
 wc -c "$OUT"/text/*.txt
 /usr/bin/time -v "$BIN/llama2" prepare --input "$OUT/text" --out "$OUT/shards" \
-    --tokenizer tests/data/ggml-vocab-llama-spm.gguf --force val_fraction=0.01 2> "$OUT/prepare.time"
+    --tokenizer tests/assets/ggml-vocab-llama-spm.gguf --force val_fraction=0.01 2> "$OUT/prepare.time"
 grep -E "Elapsed|Maximum resident" "$OUT/prepare.time"
 "$BIN/llama2" pretrain --config configs/pretrain/toy.yaml data="$OUT/shards" out="$OUT/pretrain" \
     max_steps="$STEPS" batch_tokens=8192 micro_batch=8 seq_len=256 eval_every=20 save_every=1000 warmup_steps=10 lr=1e-3

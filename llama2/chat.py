@@ -41,6 +41,7 @@ __all__ = [
     "format_dialog",
     "has_special_tags",
     "fit_dialog",
+    "fit_prompt",
 ]
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -260,3 +261,29 @@ def fit_dialog(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], b
             raise ValueError(f"the message alone is {len(ids)} tokens; at most {budget} fit with the reply budget")
         turns = turns[2:]
         dropped += 1
+
+
+def fit_prompt(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], context: int,
+               max_new_tokens: int) -> tuple[list, list[int], int]:
+    """The one policy for fitting a dialog into the model's context before generating, used by chat, generate,
+    the server and every stage that samples (rejection sampling, PPO, GAtt, evaluation):
+
+    1. the prompt should leave ``max_new_tokens`` for the reply: the oldest user/assistant exchanges are dropped
+       (never the system message or the last user turn) until it does (:func:`fit_dialog`);
+    2. if the last user turn (with the system message) alone leaves less room, it is kept whole and the reply
+       gets the room that is left: a question is never cut, an answer may come out shorter;
+    3. if it alone fills the context, ValueError (there is nothing sensible to generate).
+
+    Returns the kept dialog, its prompt ids and how many exchanges were dropped."""
+    if context < 2:
+        raise ValueError(f"a context of {context} tokens holds no prompt and reply")
+    try:
+        return fit_dialog(tokenizer, dialog, context - max_new_tokens)
+    except ValueError:
+        pass
+    system = list(dialog[:1]) if dialog and dialog[0]["role"] == "system" else []
+    last = list(dialog[-1:])
+    ids = encode_dialog_prompt(tokenizer, system + last)
+    if len(ids) >= context:
+        raise ValueError(f"the last message alone is {len(ids)} tokens; the model's context is {context}")
+    return system + last, ids, (len(dialog) - len(system) - 1) // 2

@@ -14,14 +14,32 @@ default world, 500 steps of 2,048 tokens recall 90-95% of held-out facts after S
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+
+from .chat import format_dialog
+from .checkpoint import load
+from .config import ConfigError, SamplingConfig, apply_overrides
+from .data.prepare import PrepareConfig, prepare
+from .data.records import read_dialogs, read_preferences, read_prompts
+from .eval.gatt import GattEvalConfig, gatt_eval
+from .eval.report import write_report
+from .eval.reward import evaluate_reward
+from .eval.toyworld import evaluate_chat_model, read_eval_items
+from .sampling import answer_texts
+from .tokenizer import train_tokenizer
+from .toyworld import ToyWorld
+from .train.gatt import GattConfig, gatt
+from .train.ppo import PPOConfig, ppo
+from .train.pretrain import PretrainConfig, pretrain
+from .train.rejection import RejectionConfig, load_reward_models, rejection
+from .train.reward import RewardConfig, train_reward
+from .train.sft import SFTConfig, sft
+from .train.state import publish
 
 STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "reward", "rejection", "ppo", "gatt", "eval", "report")
 
@@ -74,8 +92,15 @@ class Ctx:
     size: str
     seed: int
     s: dict
-    world: object = None
+    world: ToyWorld
+    device: str = "cpu"
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # stage -> ["field=value", ...]
     paths: dict | None = None
+
+    def config(self, cls: type, stage: str, **values):
+        """A stage's config: the pipeline's values, this run's seed and device, then the user's overrides."""
+        cfg = cls(**{"seed": self.seed, "device": self.device, **values})
+        return apply_overrides(cfg, self.overrides.get(stage, []))
 
 
 def _done(path: Path) -> bool:
@@ -107,10 +132,6 @@ def stage_world(c: Ctx) -> None:
 
 
 def stage_tokenizer(c: Ctx) -> None:
-    from .chat import format_dialog
-    from .data.dialogs import read_dialogs
-    from .tokenizer import train_tokenizer
-
     d = c.out / "tokenizer"
     d.mkdir(parents=True, exist_ok=True)
     # the world's text plus its dialogs in the chat format, so [INST] and <<SYS>> get pieces of their own
@@ -123,26 +144,22 @@ def stage_tokenizer(c: Ctx) -> None:
 
 
 def stage_prepare(c: Ctx) -> None:
-    from .data.prepare import PrepareConfig, prepare
-
     prepare(PrepareConfig(inputs=[c.paths["pretrain"]], out=str(c.out / "shards"), tokenizer=str(c.out / "tokenizer" / "tokenizer.model"),
                           val_fraction=0.02, seed=c.seed, force=True), quiet=True)
     _mark(c.out / "shards")
 
 
 def stage_pretrain(c: Ctx) -> None:
-    from .train.pretrain import PretrainConfig, pretrain
-
-    _finished(pretrain(PretrainConfig(data=str(c.out / "shards"), out=str(c.out / "pretrain"), model=c.s["model"], seq_len=c.s["seq_len"],
-                            save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["pretrain"])))
+    _finished(pretrain(c.config(PretrainConfig, "pretrain", data=str(c.out / "shards"), out=str(c.out / "pretrain"),
+                                model=c.s["model"], seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, resume=True,
+                                **c.s["pretrain"])))
     _mark(c.out / "pretrain")
 
 
 def stage_sft(c: Ctx) -> None:
-    from .train.sft import SFTConfig, sft
-
-    _finished(sft(SFTConfig(data=c.paths["sft"], val_data=c.paths["sft_val"], init_from=str(c.out / "pretrain"), out=str(c.out / "sft"),
-                  seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, seed=c.seed, resume=True, **c.s["sft"])))
+    _finished(sft(c.config(SFTConfig, "sft", data=c.paths["sft"], val_data=c.paths["sft_val"], init_from=str(c.out / "pretrain"),
+                           out=str(c.out / "sft"), seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, resume=True,
+                           **c.s["sft"])))
     _mark(c.out / "sft")
 
 
@@ -161,22 +178,21 @@ def annotate_samples(c: Ctx) -> Path:
     distribution). The world's own pairs are written by rule; these pairs carry the errors this model makes,
     which is what rejection sampling and PPO need the reward models to judge.
     """
-    from .checkpoint import load
-    from .data.dialogs import read_prompts
-
     path = c.out / "reward" / "annotated.jsonl"
     if path.is_file():
         return path
     a = c.s["annotate"]
-    model, tok = load(c.out / "sft")
-    model.eval()
+    model, tok = load(c.out / "sft", device=c.device)
     prompts = list(read_prompts(c.paths["prompts"]))
     dialogs = [p.dialog for p in prompts]
+
+    def answers(temperature: float, i: int) -> list[str]:
+        sampling = SamplingConfig(temperature=temperature, max_new_tokens=a["max_new_tokens"], gen_batch=32)
+        return answer_texts(model, tok, dialogs, sampling, seed=c.seed, purpose=f"annotate/{temperature}/{i}")
+
     # `pairs` answers per prompt at each of the two temperatures; pair i compares answer i of each
-    lo = [_answers(model, tok, dialogs, a["max_new_tokens"], temperature=a["temperatures"][0], seed=c.seed + 7 * i)
-          for i in range(a["pairs"])]
-    hi = [_answers(model, tok, dialogs, a["max_new_tokens"], temperature=a["temperatures"][1], seed=c.seed + 7 * i + 3)
-          for i in range(a["pairs"])]
+    lo = [answers(a["temperatures"][0], i) for i in range(a["pairs"])]
+    hi = [answers(a["temperatures"][1], i) for i in range(a["pairs"])]
     rows, ties, empty = [], 0, 0
     for j, p in enumerate(prompts):
         for i in range(a["pairs"]):
@@ -196,8 +212,6 @@ def annotate_samples(c: Ctx) -> Path:
 
 
 def stage_reward(c: Ctx) -> None:
-    from .train.reward import RewardConfig, train_reward
-
     (c.out / "reward").mkdir(parents=True, exist_ok=True)
     annotated = annotate_samples(c)
     for name, d in reward_dirs(c).items():
@@ -205,9 +219,10 @@ def stage_reward(c: Ctx) -> None:
             continue
         kind, margin = d.name.split("-")
         _say(f"  {name}")
-        _finished(train_reward(RewardConfig(data=[c.paths["preferences"], str(annotated)], val_data=c.paths["preferences_heldout"], kind=kind, margin=margin,
-                                  init_from=str(c.out / "sft"), out=str(d), seq_len=c.s["seq_len"], save_every=10**9,
-                                  keep_last=1, seed=c.seed, tensorboard=False, **c.s["reward"])))
+        _finished(train_reward(c.config(RewardConfig, "reward", data=[c.paths["preferences"], str(annotated)],
+                                        val_data=c.paths["preferences_heldout"], kind=kind, margin=margin,
+                                        init_from=str(c.out / "sft"), out=str(d), seq_len=c.s["seq_len"], save_every=10**9,
+                                        keep_last=1, tensorboard=False, **c.s["reward"])))
         _mark(d)
     _mark(c.out / "reward")
 
@@ -217,27 +232,23 @@ def _rms(c: Ctx) -> dict:
 
 
 def stage_rejection(c: Ctx) -> None:
-    from .train.rejection import RejectionConfig, rejection
-
-    _finished(rejection(RejectionConfig(prompts=c.paths["prompts"], init_from=str(c.out / "sft"), out=str(c.out / "rejection"),
-                              seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **_rms(c), **c.s["rejection"])))
+    _finished(rejection(c.config(RejectionConfig, "rejection", prompts=c.paths["prompts"], init_from=str(c.out / "sft"),
+                                 out=str(c.out / "rejection"), seq_len=c.s["seq_len"], tensorboard=False, **_rms(c),
+                                 **c.s["rejection"])))
     _mark(c.out / "rejection")
 
 
 def stage_ppo(c: Ctx) -> None:
-    from .train.ppo import PPOConfig, ppo
-
-    _finished(ppo(PPOConfig(prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"], init_from=str(c.out / "rejection"),
-                  out=str(c.out / "ppo"), seed=c.seed, tensorboard=False, **_rms(c), **c.s["ppo"])))
+    _finished(ppo(c.config(PPOConfig, "ppo", prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"],
+                           init_from=str(c.out / "rejection"), out=str(c.out / "ppo"), tensorboard=False, **_rms(c),
+                           **c.s["ppo"])))
     _mark(c.out / "ppo")
 
 
 def stage_gatt(c: Ctx) -> None:
-    from .train.common import publish
-    from .train.gatt import GattConfig, gatt
-
-    _finished(gatt(GattConfig(dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), reward_model=_rms(c)["reward_helpfulness"],
-                    out=str(c.out / "gatt"), seq_len=c.s["seq_len"], seed=c.seed, tensorboard=False, **c.s["gatt"])))
+    _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"),
+                            reward_model=_rms(c)["reward_helpfulness"], out=str(c.out / "gatt"), seq_len=c.s["seq_len"],
+                            tensorboard=False, **c.s["gatt"])))
     final = c.out / "final"
     final.mkdir(parents=True, exist_ok=True)
     publish(c.out / "gatt", final)
@@ -254,98 +265,82 @@ def checkpoints(c: Ctx) -> dict[str, Path]:
     return out
 
 
-@torch.no_grad()
-def _answers(model, tokenizer, dialogs, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, batch: int = 32) -> list[str]:
-    from .chat import encode_dialog_prompt
-    from .generation import generate
-
-    texts = []
-    for i in range(0, len(dialogs), batch):
-        prompts = [encode_dialog_prompt(tokenizer, d)[-(model.args.max_seq_len - max_new_tokens):] for d in dialogs[i : i + batch]]
-        comps = generate(model, prompts, tokenizer=tokenizer, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                         seed=seed + i)
-        texts += [x.text.strip() for x in comps]
-    return texts
-
-
 def stage_eval(c: Ctx) -> None:
-    from .checkpoint import load
-    from .data.dialogs import read_preferences, read_prompts
-    from .rlhf.ppo import combined_reward, to_unit
-    from .rlhf.reward_model import RewardModel
-    from .train.gatt import GattEvalConfig, gatt_eval
-    from .train.reward import evaluate_reward
-
     e = c.s["eval"]
     d = c.out / "eval"
     d.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"stages": {}, "reward_models": {}}
-    items = [json.loads(l) for l in Path(c.paths["eval"]).read_text(encoding="utf-8").splitlines() if l.strip()]
+    items = read_eval_items(c.paths["eval"])
     heldout = list(read_prompts(c.paths["prompts_heldout"]))
-    rm_h = RewardModel.from_pretrained(_rms(c)["reward_helpfulness"])
-    rm_s = RewardModel.from_pretrained(_rms(c)["reward_safety"])
+    rms = load_reward_models(_rms(c)["reward_helpfulness"], _rms(c)["reward_safety"], c.device)
 
     # reward models: held-out accuracy per rating bucket, each on its own kind's test pairs (Tables 8 and 28)
     prefs = list(read_preferences(c.paths["preferences_heldout"]))
     for name, rd in reward_dirs(c).items():
         kind = rd.name.split("-")[0]
-        metrics["reward_models"][name] = evaluate_reward(str(rd), [p for p in prefs if p.kind == kind])
+        metrics["reward_models"][name] = evaluate_reward(str(rd), [p for p in prefs if p.kind == kind], device=c.device)
 
     for stage, ckpt in checkpoints(c).items():
         _say(f"  evaluating {stage}")
-        model, tok = load(ckpt)
-        model.eval()
-        dialogs = [it["dialog"] for it in items]
-        answers = _answers(model, tok, dialogs, e["max_new_tokens"])
-        score = c.world.score(dialogs, answers)
-        # reward of held-out prompts' sampled answers (temperature 1), the shape of the paper's Figure 20
-        hd = [p.dialog for p in heldout]
-        sampled = _answers(model, tok, hd, e["max_new_tokens"], temperature=1.0, seed=c.seed)
-        safety = torch.tensor([p.safety for p in heldout])
-        r_c = combined_reward(to_unit(rm_s.score(hd, sampled)), to_unit(rm_h.score(hd, sampled)), safety)
-        exact = c.world.reward(hd, sampled, safety)
-        metrics["stages"][stage] = {**score, "rm_reward": r_c.tolist(), "rm_reward_mean": float(r_c.mean()),
-                                    "judge_reward_mean": float(exact.mean()),
-                                    "sample": {"prompt": items[0]["dialog"][-1]["content"], "answer": answers[0]}}
+        model, tok = load(ckpt, device=c.device)
+        metrics["stages"][stage] = evaluate_chat_model(model, tok, c.world, items, heldout, rms, e["max_new_tokens"], c.seed)
     # best-of-K against K from the rejection-sampling iterations (Figure 7's shape)
     metrics["best_of_k"] = {}
     for it in sorted((c.out / "rejection").glob("iter_*/stats.json")):
         st = json.loads(it.read_text())
         metrics["best_of_k"][f"RS {st['iteration']} (T={st['temperature']})"] = st["best_of_k_curve"]
     # GAtt: adherence per turn with and without it (Figure 28's comparison)
-    ge = gatt_eval(GattEvalConfig(ckpts=[str(c.out / "ppo"), str(c.out / "final")], names=["without GAtt", "with GAtt"],
-                                  dialogs=c.paths["gatt_dialogs"], out=str(d / "gatt"), n=e["gatt_probes"],
-                                  turns=e["gatt_turns"], seed=c.seed))
-    metrics["gatt"] = ge
-    # a multi-turn chat with the final model
-    model, tok = load(c.out / "final")
-    chat, answers = [], []
-    for it in items[:3]:
-        chat.append({"role": "user", "content": it["dialog"][-1]["content"]})
-        reply = _answers(model, tok, [chat], e["max_new_tokens"])[0]
-        chat.append({"role": "assistant", "content": reply})
-    metrics["sample_chat"] = chat
+    metrics["gatt"] = gatt_eval(GattEvalConfig(ckpts=[str(c.out / "ppo"), str(c.out / "final")], names=["without GAtt", "with GAtt"],
+                                               dialogs=c.paths["gatt_dialogs"], out=str(d / "gatt"), n=e["gatt_probes"],
+                                               turns=e["gatt_turns"], seed=c.seed, device=c.device))
+    metrics["sample_chat"] = _sample_chat(c, items[:3], e["max_new_tokens"])
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _mark(d)
 
 
-def stage_report(c: Ctx) -> None:
-    from .report import write_report
+def _sample_chat(c: Ctx, items: list[dict], max_new_tokens: int) -> list[dict]:
+    """A multi-turn chat with the final model on a few of the evaluation prompts."""
+    model, tok = load(c.out / "final", device=c.device)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    chat: list[dict] = []
+    for it in items:
+        chat.append({"role": "user", "content": it["dialog"][-1]["content"]})
+        chat.append({"role": "assistant", "content": answer_texts(model, tok, [chat], greedy, purpose="chat")[0]})
+    return chat
 
+
+def stage_report(c: Ctx) -> None:
     write_report(c.out)
     _mark(c.out / "report")
 
 
 RUNNERS = {name: globals()[f"stage_{name}"] for name in STAGES}
 DIRS = {**{name: name for name in STAGES}, "prepare": "shards"}  # where each stage writes (and marks DONE)
+CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "rejection": RejectionConfig,
+           "ppo": PPOConfig, "gatt": GattConfig}
 
 
-def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: str | None = None, seed: int = 0) -> Path:
-    """Run (or resume) the whole recipe; returns the path of report.md."""
-    from .toyworld import ToyWorld
+def parse_overrides(items: list[str]) -> dict[str, list[str]]:
+    """``STAGE.FIELD=VALUE`` items (``ppo.kl_beta=0.02``, ``sft.lr=1e-4``) grouped by stage, each checked against the
+    stage's config; a field without a stage (``seed=1``) is an error naming the stages that take overrides."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not eq or not dot or stage not in CONFIGS:
+            raise ConfigError(f"override {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(CONFIGS)} "
+                              "(e.g. ppo.kl_beta=0.02)")
+        apply_overrides(CONFIGS[stage](), [f"{name}={value}"])  # the field exists and the value reads as its type
+        out.setdefault(stage, []).append(f"{name}={value}")
+    return out
 
+
+def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: str | None = None, seed: int = 0,
+                 device: str = "cpu", overrides: list[str] | None = None) -> Path:
+    """Run (or resume) the whole recipe; returns the path of report.md. ``overrides``: STAGE.FIELD=VALUE items."""
     if from_stage and from_stage not in STAGES:
         raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
+    stage_overrides = parse_overrides(list(overrides or []))
     out = Path(out)
     size = "quick" if quick else "default"
     out.mkdir(parents=True, exist_ok=True)
@@ -355,9 +350,14 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
         if prev.get("size") != size or prev.get("seed") != seed:
             raise ValueError(f"{out} holds a {prev.get('size')} run with seed {prev.get('seed')}; use another --out "
                              f"(or delete it) for a {size} run with seed {seed}")
-    marker.write_text(json.dumps({"size": size, "seed": seed, "stages": list(STAGES)}))
+        if prev.get("overrides", {}) != stage_overrides:
+            _say(f"note: {out} was started with overrides {prev.get('overrides', {})}; finished stages keep them "
+                 "(use --from STAGE to redo a stage with the new ones)")
+    marker.write_text(json.dumps({"size": size, "seed": seed, "device": device, "overrides": stage_overrides,
+                                  "stages": list(STAGES)}))
     s = SIZES[size]
-    c = Ctx(out, size, seed, s, world=ToyWorld(seed=seed, size=s["world"], **s.get("world_overrides", {})))
+    c = Ctx(out, size, seed, s, world=ToyWorld(seed=seed, size=s["world"], **s.get("world_overrides", {})), device=device,
+            overrides=stage_overrides)
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
     for name in forced:  # redo this stage and every later one
         shutil.rmtree(out / DIRS[name], ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -17,12 +16,11 @@ from llama2.chat import (
 )
 from llama2.tokenizer import Tokenizer
 
-VOCAB_GGUF = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_file(VOCAB_GGUF)
+def tok(llama_tokenizer):
+    return llama_tokenizer
 
 
 def meta_reference(tokenizer: Tokenizer, dialog: list[dict[str, str]]) -> list[int]:

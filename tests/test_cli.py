@@ -1,21 +1,19 @@
 """The `llama2` command: convert, generate and chat on a tiny checkpoint with the real Llama 2 vocabulary."""
 import io
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from llama2 import Llama, ModelArgs, Tokenizer, Transformer
+from llama2 import Llama, ModelArgs, Transformer
 from llama2.checkpoint import load, save
 from llama2.cli import build_parser, fit_dialog, main
 
-VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_file(VOCAB)
+def tok(llama_tokenizer):
+    return llama_tokenizer
 
 
 @pytest.fixture(scope="module")

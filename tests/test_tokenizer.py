@@ -9,7 +9,7 @@ import pytest
 
 from llama2.tokenizer import Tokenizer, train_tokenizer
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "assets"
 VOCAB_GGUF = DATA / "ggml-vocab-llama-spm.gguf"
 SEPARATOR = "\n__ggml_vocab_test__\n"
 

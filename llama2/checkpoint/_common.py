@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -355,14 +356,32 @@ def read_safetensors(
 # ------------------------------------------------------------------------------------ writing
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    from . import detect
+# Every file a checkpoint of ours consists of (native, Meta, Hugging Face, GGUF in a directory, plus what training
+# keeps beside a step's model). A directory is replaced only when it holds nothing else: a save never deletes what
+# it did not write.
+_CHECKPOINT_FILE = re.compile(
+    r"^(llama2\.json|params\.json|config\.json|generation_config\.json|tokenizer\.model|tokenizer_config\.json"
+    r"|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|consolidated\.\d+\.pth|model\.gguf|trainer_state\.pt|reward_config\.json|eval\.json)$")
 
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` starts with the GGUF magic (a text file merely named .gguf does not)."""
     try:
-        detect(path)
-        return True
-    except (FileNotFoundError, ValueError):
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
         return False
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """The entries of directory ``path`` that are not a checkpoint's own files (a .gguf must really be GGUF)."""
+    out = []
+    for e in path.iterdir():
+        ours = e.is_file() and not e.is_symlink() and _CHECKPOINT_FILE.match(e.name) is not None
+        if not ours or (e.suffix == ".gguf" and not is_gguf_file(e)):
+            out.append(e.name + ("/" if e.is_dir() else ""))
+    return sorted(out)
 
 
 @contextmanager
@@ -370,9 +389,9 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on success it is renamed to ``path``.
 
     A reader never sees a half-written checkpoint, and a failed save leaves the old one untouched. An
-    existing ``path`` must be an empty directory, or a checkpoint (one that ``detect`` recognises) with
-    ``overwrite=True``: it is then replaced as a whole (its old files are removed, so stale shards of a
-    larger earlier save cannot linger). A non-empty directory that is not a checkpoint is never deleted.
+    existing ``path`` must be an empty directory, or, with ``overwrite=True``, a directory holding nothing but
+    a checkpoint's own files: it is then replaced as a whole (so stale shards of a larger earlier save cannot
+    linger). A directory holding anything else is never deleted: the save refuses and names what is in the way.
     """
     path = Path(path)
     if path.exists():
@@ -381,9 +400,11 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         if any(path.iterdir()):
             if not overwrite:
                 raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace it")
-            if not _is_checkpoint_dir(path):
+            foreign = foreign_entries(path)
+            if foreign:
+                shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 8 else "")
                 raise FileExistsError(
-                    f"{path} is a non-empty directory that does not hold a checkpoint; refusing to replace it "
+                    f"{path} holds files that are not part of a checkpoint ({shown}); refusing to replace it "
                     "(choose a new or empty directory)"
                 )
     path.parent.mkdir(parents=True, exist_ok=True)

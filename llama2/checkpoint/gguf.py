@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..model import ModelArgs, Transformer
-from ._common import PathLike, atomic_dir, build_model, ffn_args_for_hidden, require_lm_head, target_dtype
+from ._common import PathLike, atomic_dir, build_model, ffn_args_for_hidden, is_gguf_file, require_lm_head, target_dtype
 
 ARCH = "llama"
 DIR_FILE = "model.gguf"  # the file name used when saving into a directory
@@ -315,6 +315,8 @@ def save(
         return path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if path.exists() and not (path.is_file() and is_gguf_file(path)):
+        raise FileExistsError(f"{path} exists and is not a GGUF file; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)

@@ -32,12 +32,10 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ..chat import TextEncoder, encode_dialog
-
-if TYPE_CHECKING:  # imported lazily below: llama2.data.dialogs imports llama2.rlhf.reward (no import cycle)
-    from ..data.dialogs import SFTExample
+from ..data.sft import SFTExample
 
 __all__ = [
     "INSTRUCTION_SEPARATOR",
@@ -253,14 +251,12 @@ def gatt_loss_mask(
     Paper §3.3: "we simply set the loss to 0 for all the tokens from the previous turns, including assistant
     messages". Our reading: the mask of :func:`llama2.chat.encode_dialog` (1 on the assistant's tokens: the
     answer, the trailing-space piece of Meta's template and the EOS closing it) is kept for the last exchange
-    and zeroed everywhere before it. Returns an :class:`llama2.data.dialogs.SFTExample` (``.ids``,
-    ``.loss_mask``), ready for :func:`llama2.data.dialogs.pack_sft`.
+    and zeroed everywhere before it. Returns an :class:`llama2.data.sft.SFTExample` (``.ids``,
+    ``.loss_mask``), ready for :func:`llama2.data.sft.pack_sft`.
 
     ``seq_len``: when given, a dialog of more than seq_len + 1 tokens gives None (skip it). It is not
     truncated: cutting the earliest exchanges, as SFT does, would cut the instruction GAtt is about.
     """
-    from ..data.dialogs import SFTExample
-
     ids, mask = encode_dialog(tokenizer, dialog)
     if mask is None:
         raise ValueError("a GAtt training dialog must end with an assistant message")

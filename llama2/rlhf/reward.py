@@ -18,7 +18,7 @@ and "unsure" merged into one column.
 
 Scores here are plain tensors: ``r_chosen`` and ``r_rejected`` of shape (B,), one scalar per pair, e.g. the
 scalar head of :class:`llama2.Transformer` gathered at the last real token of each sequence
-(:func:`llama2.data.dialogs.gather_last`).
+(:func:`llama2.data.preferences.gather_last`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from ..data.records import RATINGS  # the four-point scale of §3.2.1, defined with the preference records
 
 __all__ = [
     "RATINGS",
@@ -38,9 +40,6 @@ __all__ = [
     "format_accuracy_table",
 ]
 
-# The four-point scale of §3.2.1 ("significantly better, better, slightly better, or negligibly better/
-# unsure"); "negligibly better" and "unsure" are kept apart in the data and merged only where the paper does.
-RATINGS: tuple[str, ...] = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
 
 MarginType = Literal["none", "small", "large"]
 

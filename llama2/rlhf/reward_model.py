@@ -7,8 +7,8 @@ loads a trained one and scores (prompt, response) pairs, for rejection sampling 
 
 A sequence is scored at its last real token: the EOS that closes the response in the Llama 2-Chat layout
 (``encode_dialog(dialog + [assistant response])``, exactly what the reward model was trained on, see
-:func:`llama2.data.dialogs.encode_preference`). Batches are right-padded and the value is read with
-:func:`llama2.data.dialogs.gather_last`, so padding never changes a score (see :func:`score_batch`).
+:func:`llama2.data.preferences.encode_preference`). Batches are right-padded and the value is read with
+:func:`llama2.data.preferences.gather_last`, so padding never changes a score (see :func:`score_batch`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ from typing import Any
 import torch
 
 from ..chat import encode_dialog
-from ..data.dialogs import encode_sft_example, gather_last
+from ..checkpoint import detect, load
+from ..data.batching import pad_sequences
+from ..data.preferences import gather_last
+from ..data.sft import encode_sft_example
 from ..model import Transformer
 
 __all__ = ["reward_model_from_chat", "score_batch", "encode_scored", "RewardModel", "REWARD_CONFIG_FILE"]
@@ -62,7 +65,7 @@ def reward_model_from_chat(model: Transformer, seed: int = 0) -> Transformer:
 
 
 def score_batch(model: torch.nn.Module, batch: Mapping[str, Any], device: torch.device | str | None = None) -> torch.Tensor:
-    """Values (N,) of the rows of a :func:`~llama2.data.dialogs.collate_pairs` batch, each read at its last real
+    """Values (N,) of the rows of a :func:`~llama2.data.preferences.collate_pairs` batch, each read at its last real
     token. Right-padded batches run plain causal attention (a real token never sees the padding after it, so
     the scores equal those of each sequence alone, and SDPA keeps its fast kernels); left-padded ones pass the
     padding-aware mask and the real-token positions, which gives the same scores. Gradients flow (training);
@@ -83,7 +86,7 @@ def encode_scored(tokenizer, dialog: Sequence[Mapping[str, str]], response: str,
     """Token ids of ``dialog`` (ending with a user turn) answered by ``response``, as the reward model reads them:
     ``encode_dialog(dialog + [assistant response]).ids``, the finished turn closed by its EOS.
 
-    At most ``seq_len`` tokens, cut with the rule of :func:`~llama2.data.dialogs.encode_preference` (the same
+    At most ``seq_len`` tokens, cut with the rule of :func:`~llama2.data.preferences.encode_preference` (the same
     code path, via ``encode_sft_example``): the earliest whole (user, assistant) exchanges go first, then the
     start of the last prompt, while one prompt token stays before the response. Only when the response alone
     does not fit (where training would drop the pair) are its own first tokens cut: a score is still owed, and
@@ -98,18 +101,6 @@ def encode_scored(tokenizer, dialog: Sequence[Mapping[str, str]], response: str,
     if ex is not None:
         return ex.ids
     return encode_dialog(tokenizer, full).ids[-seq_len:]
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded tokens (N, T), attention_mask (N, T) and last_index (N,), the parts of a
-    :func:`~llama2.data.dialogs.collate_pairs` batch that :func:`score_batch` reads for right padding."""
-    N, T = len(seqs), max(len(s) for s in seqs)
-    tokens = torch.full((N, T), pad_id, dtype=torch.long)
-    real = torch.zeros(N, T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        real[i, : len(s)] = True
-    return {"tokens": tokens, "attention_mask": real, "last_index": torch.tensor([len(s) - 1 for s in seqs])}
 
 
 class RewardModel:
@@ -140,8 +131,6 @@ class RewardModel:
     def from_pretrained(cls, path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> "RewardModel":
         """Load a native checkpoint directory with a scalar head and its tokenizer (e.g. the ``out`` of
         ``llama2 reward``); reads ``reward_config.json`` there if present."""
-        from ..checkpoint import detect, load
-
         path = Path(path)
         fmt = detect(path)
         if fmt != "native":
@@ -190,7 +179,8 @@ class RewardModel:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            batch = _pad_right([seqs[j] for j in idx])
+            padded = pad_sequences([seqs[j] for j in idx])  # right-padded: plain causal attention scores exactly
+            batch = {"tokens": padded.tokens, "attention_mask": padded.real, "last_index": padded.last_index}
             with autocast:
                 values = score_batch(self.model, batch)  # (n,)
             out[torch.tensor(idx)] = values.float().cpu()

@@ -2,7 +2,10 @@
 (DESIGN.md §4). ``ToyWorld(seed, size).write(out_dir)`` writes pretraining text, SFT dialogs, prompts, preference
 pairs, GAtt dialogs and a held-out evaluation set; its judges score any answer to the prompts it made."""
 from .expr import UnsafeExpression, canonical_expression, safe_eval
-from .world import (
+from .annotate import rating_for_gap
+from .tasks import Task
+from .text import apply_instruction, is_refusal, strip_decorations
+from .vocab import (
     CATEGORIES,
     EVAL_CATEGORIES,
     HELPFULNESS_WEIGHTS,
@@ -10,13 +13,8 @@ from .world import (
     REFUSAL,
     SAFETY_SCORES,
     SIZES,
-    Task,
-    ToyWorld,
-    apply_instruction,
-    is_refusal,
-    rating_for_gap,
-    strip_decorations,
 )
+from .world import ToyWorld
 
 __all__ = [
     "CATEGORIES",

@@ -6,9 +6,8 @@ below), and the frozen helpfulness and safety reward models. One iteration:
 
 1. rollouts: ``rollout_batch`` prompts, one answer each sampled from pi_theta;
 2. reward: R~_c = WHITEN(LOGIT(R_c)) with R_c = R_safety if the prompt is tagged safety or R_safety < 0.15,
-   else R_helpfulness (scores through a sigmoid first, so the 0.15 threshold means what it does in the
-   paper; our reward models output logits), then R = R~_c - beta * KL(pi_theta || pi_0): the KL term on every
-   answer token, R~_c on the last (``llama2.rlhf.token_rewards``);
+   else R_helpfulness (:mod:`llama2.rlhf.combined`), then R = R~_c - beta * KL(pi_theta || pi_0): the KL term on
+   every answer token, R~_c on the last (``llama2.rlhf.token_rewards``);
 3. advantages by GAE over the answer tokens with the value model's estimates; whitened per batch;
 4. one pass over the rollouts in minibatches of ``minibatch``, one optimizer step each (the paper: "one gradient
    step per mini-batch"), with the clipped policy loss (0.2) and, for the value model, the clipped value loss.
@@ -28,39 +27,39 @@ gather the weights for every token on every rank in lockstep.
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
 import shutil
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from ..chat import encode_dialog_prompt
 from ..checkpoint import load, save
-from ..data.dialogs import read_prompts, split_holdout
-from ..generation import generate
+from ..config import OptimConfig, RunConfig, SamplingConfig, check, group, stage_config
+from ..data.batching import pad_sequences
+from ..data.records import read_prompts, split_holdout, split_paths
+from ..rlhf.combined import SAFETY_THRESHOLD, combined_reward, logit, masked_whiten, to_unit, whiten
 from ..rlhf.ppo import (
-    combined_reward, entropy_from_logits, gae, kl_penalty, logit, masked_mean, masked_whiten, ppo_policy_loss, to_unit,
-    token_logprobs, token_rewards, value_loss, whiten,
+    entropy_from_logits, explained_variance, gae, kl_penalty, ppo_policy_loss, token_logprobs, token_rewards, value_loss,
 )
-from ..rlhf.reward_model import RewardModel, reward_model_from_chat
-from .common import (
-    MetricsLog, StopRequest, autocast_for, clip_grad_norm, init_distributed, make_optimizer, publish, unwrap, wrap_model, split_paths,
-)
+from ..rlhf.reward_model import reward_model_from_chat
+from ..sampling import sample_answers
+from ..seeding import derive_seed, generator
+from .dist import Dist, init_distributed, unwrap, wrap_model
+from .loop import Session, accumulate, begin, make_optimizer, run_steps
+from .rejection import load_reward_models
+from .state import publish
+
+__all__ = ["PPOConfig", "ppo", "score_answers", "RewardFn"]
 
 # A reward function for tests and exact judges, in place of the reward models:
 # (dialogs, answer texts, is_safety (N,) bool, answer token ids) -> R_c in (0, 1), shape (N,).
 RewardFn = Callable[[list, list, torch.Tensor, list], torch.Tensor]
 
 
-@dataclass
+@stage_config
 class PPOConfig:
     prompts: str = ""
     """Prompts JSONL ({"dialog": [... ending with a user turn], "safety": bool}); several files comma-separated."""
@@ -76,8 +75,6 @@ class PPOConfig:
     """Safety reward model checkpoint (optional: without it the helpfulness score is R_c)."""
     value_from: str = ""
     """Value model initialisation (default: the helpfulness reward model)."""
-    out: str = "runs/ppo"
-    """Output directory: the best policy at its root, value/ the value model, metrics.jsonl."""
     iterations: int = 200
     """PPO iterations (200-400 in the paper, with early stopping)."""
     rollout_batch: int = 512
@@ -86,14 +83,8 @@ class PPOConfig:
     """Rollouts per optimizer step (64 in the paper); one step per minibatch, one pass per iteration."""
     micro_batch: int = 8
     """Rollouts per forward/backward inside a minibatch, on each rank."""
-    lr: float = 1e-6
-    """Constant learning rate of the policy (1e-6 in the paper)."""
     value_lr: float = 1e-6
     """Constant learning rate of the value model (the paper gives one rate; we keep it separate)."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices."""
-    grad_clip: float = 1.0
-    """Gradient norm clip for both models."""
     kl_beta: float = 0.01
     """beta of the KL penalty (0.01 for 7B/13B, 0.005 for 34B/70B)."""
     clip: float = 0.2
@@ -102,40 +93,107 @@ class PPOConfig:
     """GAE discount (the paper is silent; 1: the reward comes once, at the end of a short answer)."""
     lam: float = 0.95
     """GAE lambda (the paper is silent; 0.95 is the usual choice)."""
-    safety_threshold: float = 0.15
+    safety_threshold: float = SAFETY_THRESHOLD
     """Answers whose safety score (after the sigmoid) is below this are judged on safety (0.15 in the paper)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (1: the policy's own distribution)."""
-    max_new_tokens: int = 128
-    """Longest answer sampled."""
-    eval_every: int = 5
-    """Held-out reward every this many iterations (and at the end)."""
     patience: int = 4
     """Early stopping: stop after this many evaluations without a better held-out reward (0 = never)."""
     frozen_dtype: str = ""
     """dtype of the frozen reference and reward models (e.g. bfloat16 to halve their memory; default: as loaded)."""
     frozen_device: str = ""
     """Device of the frozen models (e.g. cpu to keep them off the GPU; default: the training device)."""
-    seed: int = 0
-    """Seed of the prompt order and of the sampling."""
-    device: str = "cpu"
-    """cpu or cuda (bf16 autocast)."""
-    strategy: str = "ddp"
-    """Under torchrun with several processes: ddp (see the module docstring for why not fsdp)."""
-    tensorboard: bool = True
-    """Also write the metrics for TensorBoard to OUT/tb."""
+    sampling: SamplingConfig = group(SamplingConfig, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=64)
+    run: RunConfig = group(RunConfig, out="runs/ppo", strategy="ddp", eval_every=5)
+    optim: OptimConfig = group(OptimConfig, lr=1e-6, schedule="constant")
+
+    def __post_init__(self) -> None:
+        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        for name in ("iterations", "rollout_batch", "minibatch", "micro_batch"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        check(self.value_lr > 0 and self.value_lr < float("inf"), "value_lr", self.value_lr, "a finite number > 0")
+        check(0 <= self.kl_beta < float("inf"), "kl_beta", self.kl_beta, "finite and >= 0")
+        check(0 < self.clip < float("inf"), "clip", self.clip, "a finite number > 0")
+        check(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        check(0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
+        check(0 <= self.safety_threshold <= 1, "safety_threshold", self.safety_threshold, "in [0, 1]")
+        check(self.patience >= 0, "patience", self.patience, ">= 0")
 
 
-def _rollout_tensors(prompt_ids: list[list[int]], answers: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt + answer sequences (B, L) and the mask (B, L - 1) of the positions whose *target*
-    (the next token) is an answer token: position t holds log p(token t+1)."""
-    L = max(len(p) + len(a) for p, a in zip(prompt_ids, answers))
-    tokens = torch.zeros(len(answers), L, dtype=torch.long)
+def score_answers(rms: dict, reward_fn: RewardFn | None, dialogs, texts, safety: torch.Tensor, threshold: float,
+                  answer_ids: list) -> torch.Tensor:
+    """R_c in (0, 1) per answer: the exact reward function if one is given, else the reward models' combined rule."""
+    if reward_fn is not None:
+        return torch.as_tensor(reward_fn(dialogs, texts, safety, answer_ids)).float()
+    r_h = to_unit(rms["helpfulness"].score(dialogs, texts)) if "helpfulness" in rms else None
+    r_s = to_unit(rms["safety"].score(dialogs, texts)) if "safety" in rms else None
+    if r_h is not None and r_s is not None:
+        return combined_reward(r_s, r_h, safety, threshold)
+    return r_h if r_h is not None else r_s
+
+
+@dataclass
+class Models:
+    """The four models of PPO (the reward models as a dict) and the tokenizer."""
+
+    session: Session  # the policy, its optimizer, the run
+    reference: torch.nn.Module
+    value: torch.nn.Module
+    value_opt: torch.optim.Optimizer
+    rms: dict
+    tokenizer: object
+    frozen_device: torch.device
+
+
+def _models(cfg: PPOConfig, d: Dist, reward_fn: RewardFn | None) -> Models:
+    frozen_device = torch.device(cfg.frozen_device) if cfg.frozen_device else d.device
+    frozen_dtype = cfg.frozen_dtype or None
+    policy, tokenizer = load(cfg.init_from, device=d.device)
+    if policy.args.head != "lm" or tokenizer is None:
+        raise ValueError(f"{cfg.init_from}: need a chat model with an LM head and its tokenizer")
+    reference, _ = load(cfg.init_from, device=frozen_device, dtype=frozen_dtype)
+    reference.eval().requires_grad_(False)
+    rms = {} if reward_fn is not None else load_reward_models(cfg.reward_helpfulness, cfg.reward_safety,
+                                                                  frozen_device, frozen_dtype)
+    value_src = cfg.value_from or cfg.reward_helpfulness or cfg.reward_safety
+    if value_src:
+        value, _ = load(value_src, device=d.device)
+        if value.args.head != "scalar":
+            value = reward_model_from_chat(value, seed=cfg.run.seed)
+    else:  # no reward model (reward_fn): the policy's body with a zero head, so the first advantages are the
+        value = reward_model_from_chat(policy, seed=cfg.run.seed)  # whitened rewards themselves, not a random baseline
+        with torch.no_grad():
+            value.output.weight.zero_()
+    session = begin(policy, d, cfg, name="ppo", tokenizer=tokenizer)
+    value.train()
+    value = wrap_model(value, d)
+    value_opt = make_optimizer(value, cfg.value_lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    return Models(session, reference, value, value_opt, rms, tokenizer, frozen_device)
+
+
+@dataclass
+class Rollouts:
+    tokens: torch.Tensor  # (B, L) prompt + answer, right-padded
+    mask: torch.Tensor  # (B, L - 1) 1 where the *target* (the next token) is an answer token
+    r_c: torch.Tensor  # (B,) R_c in (0, 1)
+
+
+def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn | None) -> Rollouts:
+    """One sampled answer per prompt from the current policy, scored."""
+    policy = unwrap(m.session.model)
+    prompt_ids: list[list[int]] = []
+    comps = sample_answers(policy, m.tokenizer, [p.dialog for p in prompts], cfg.sampling, seed=seed, purpose="ppo",
+                           show=False, prompts_out=prompt_ids)
+    answers = [c[0].tokens or [m.tokenizer.eos_id] for c in comps]  # an empty answer still ends with EOS
+    texts = [c[0].text.strip() for c in comps]
+    safety = torch.tensor([p.safety for p in prompts])
+    r_c = score_answers(m.rms, reward_fn, [p.dialog for p in prompts], texts, safety, cfg.safety_threshold,
+                        [c[0].tokens for c in comps])
+    padded = pad_sequences([p + a for p, a in zip(prompt_ids, answers)])
+    L = padded.tokens.shape[1]
     mask = torch.zeros(len(answers), L - 1)
-    for i, (p, a) in enumerate(zip(prompt_ids, answers)):
-        tokens[i, : len(p) + len(a)] = torch.tensor(p + a)
+    for i, (p, a) in enumerate(zip(prompt_ids, answers)):  # position t holds log p(token t+1)
         mask[i, len(p) - 1 : len(p) - 1 + len(a)] = 1.0
-    return tokens.to(device), mask.to(device)
+    dev = m.session.d.device
+    return Rollouts(padded.tokens.to(dev), mask.to(dev), r_c)
 
 
 def _logprobs(model, tokens, mask, autocast, entropy: bool = False):
@@ -151,22 +209,69 @@ def _values(model, tokens, autocast):
         return model(tokens)[:, :-1].float()  # (B, L-1): the value of the state before each target token
 
 
-def score_answers(rms: dict, reward_fn: RewardFn | None, dialogs, texts, safety: torch.Tensor, threshold: float,
-                  answer_ids: list) -> torch.Tensor:
-    """R_c in (0, 1) per answer: the exact reward function if one is given, else the reward models' combined rule."""
-    if reward_fn is not None:
-        return torch.as_tensor(reward_fn(dialogs, texts, safety, answer_ids)).float()
-    r_h = to_unit(rms["helpfulness"].score(dialogs, texts)) if "helpfulness" in rms else None
-    r_s = to_unit(rms["safety"].score(dialogs, texts)) if "safety" in rms else None
-    if r_h is not None and r_s is not None:
-        return combined_reward(r_s, r_h, safety, threshold)
-    return r_h if r_h is not None else r_s
+def _whitened_scores(r_c: torch.Tensor, d: Dist) -> torch.Tensor:
+    """WHITEN(LOGIT(R_c)) over the whole rollout batch, not a rank's share."""
+    scores = logit(r_c).to(d.device)  # (B,)
+    if d.world == 1:
+        return whiten(scores)
+    parts = [torch.empty_like(scores) for _ in range(d.world)]
+    dist.all_gather(parts, scores)
+    every = torch.cat(parts)
+    return (scores - every.mean()) / (every.std(unbiased=False) + 1e-8)
+
+
+@torch.no_grad()
+def _advantages(cfg: PPOConfig, m: Models, ro: Rollouts) -> dict:
+    """Old log-probs, reference log-probs, old values, per-token rewards, GAE advantages (whitened) and returns."""
+    ac = m.session.autocast
+    old_lp, _ = _logprobs(m.session.model, ro.tokens, ro.mask, ac)
+    ref_lp, _ = _logprobs(m.reference, ro.tokens.to(m.frozen_device), ro.mask.to(m.frozen_device), ac)
+    ref_lp = ref_lp.to(ro.tokens.device)
+    old_v = _values(m.value, ro.tokens, ac)
+    scores = _whitened_scores(ro.r_c, m.session.d)
+    rewards = token_rewards(scores, old_lp, ref_lp, ro.mask, cfg.kl_beta)  # (B, L-1)
+    adv, returns = gae(rewards, old_v, ro.mask, cfg.gamma, cfg.lam)
+    raw_adv = adv
+    adv = masked_whiten(adv, ro.mask)
+    kl = kl_penalty(old_lp, ref_lp, ro.mask).sum(1).mean()  # per answer
+    first = (ro.mask.cumsum(1) == 1) & (ro.mask > 0)  # each answer's first token: its advantage speaks for the answer
+    corr = torch.corrcoef(torch.stack([raw_adv[first], ro.r_c.to(raw_adv.device)]))[0, 1] if len(ro.r_c) > 1 else torch.tensor(float("nan"))
+    return {"old_lp": old_lp, "old_v": old_v, "adv": adv, "returns": returns, "kl": float(kl),
+            "explained_variance": explained_variance(old_v, returns, ro.mask), "adv_reward_corr": float(corr)}
+
+
+def _update(cfg: PPOConfig, m: Models, ro: Rollouts, a: dict, seed: int) -> dict:
+    """One pass over the rollouts in minibatches, one optimizer step of each model per minibatch."""
+    s, d = m.session, m.session.d
+    per_rank = ro.tokens.shape[0]
+    mb_rank = cfg.minibatch // d.world
+    order = torch.randperm(per_rank, generator=generator(seed, "ppo/order"))
+    stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+    n_mb = per_rank // mb_rank
+    for mb in range(n_mb):
+        idx_mb = order[mb * mb_rank : (mb + 1) * mb_rank]
+        micros = [idx_mb[j : j + cfg.micro_batch] for j in range(0, mb_rank, cfg.micro_batch)]
+
+        def policy_loss(idx):
+            lp, ent = _logprobs(s.model, ro.tokens[idx], ro.mask[idx], s.autocast, entropy=True)
+            pl, st = ppo_policy_loss(lp, a["old_lp"][idx], a["adv"][idx], ro.mask[idx], cfg.clip)
+            return pl * len(idx), {"clip_fraction": float(st["clip_fraction"]) * len(idx), "entropy": float(ent) * len(idx)}
+
+        def value_loss_fn(idx):
+            v = _values(m.value, ro.tokens[idx], s.autocast)
+            return value_loss(v, a["old_v"][idx], a["returns"][idx], ro.mask[idx], cfg.clip) * len(idx), {}
+
+        rp = accumulate(s, micros, policy_loss, cfg.minibatch)
+        rv = accumulate(s, micros, value_loss_fn, cfg.minibatch, model=m.value, optimizer=m.value_opt)
+        for k, v in (("policy_loss", rp["loss"]), ("value_loss", rv["loss"]), ("clip_fraction", rp["clip_fraction"]),
+                     ("entropy", rp["entropy"])):
+            stats[k] += v / n_mb
+    return stats
 
 
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
     """Train; ``reward_fn`` replaces the reward models (tests, exact toy judges)."""
-    d = init_distributed("ddp" if cfg.strategy == "fsdp" else cfg.strategy, cfg.device)
-    out = Path(cfg.out)
+    d = init_distributed("ddp" if cfg.run.strategy == "fsdp" else cfg.run.strategy, cfg.run.device)
     if not cfg.prompts or not cfg.init_from:
         raise ValueError("give prompts=PROMPTS.jsonl and init_from=CHECKPOINT")
     if reward_fn is None and not (cfg.reward_helpfulness or cfg.reward_safety):
@@ -178,68 +283,20 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
     if cfg.val_prompts:
         train_prompts, val_prompts = prompts, list(read_prompts(split_paths(cfg.val_prompts)))
     else:
-        train_prompts, val_prompts = split_holdout(prompts, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (prompts, [])
-
-    # -- models ------------------------------------------------------------------------------------------------
-    frozen_device = torch.device(cfg.frozen_device) if cfg.frozen_device else d.device
-    frozen_dtype = cfg.frozen_dtype or None
-    policy, tokenizer = load(cfg.init_from, device=d.device)
-    if policy.args.head != "lm" or tokenizer is None:
-        raise ValueError(f"{cfg.init_from}: need a chat model with an LM head and its tokenizer")
-    reference, _ = load(cfg.init_from, device=frozen_device, dtype=frozen_dtype)
-    reference.eval().requires_grad_(False)
-    rms = {}
-    for kind, path in (("helpfulness", cfg.reward_helpfulness), ("safety", cfg.reward_safety)):
-        if path:
-            rms[kind] = RewardModel.from_pretrained(path, device=frozen_device, dtype=frozen_dtype)
-    value_src = cfg.value_from or cfg.reward_helpfulness or cfg.reward_safety
-    if value_src:
-        value, _ = load(value_src, device=d.device)
-        if value.args.head != "scalar":
-            value = reward_model_from_chat(value, seed=cfg.seed)
-    else:  # no reward model (reward_fn): the policy's body with a zero head, so the first advantages are the
-        value = reward_model_from_chat(policy, seed=cfg.seed)  # whitened rewards themselves, not a random baseline
-        with torch.no_grad():
-            value.output.weight.zero_()
-    policy.train(), value.train()
-    policy, value = wrap_model(policy, d), wrap_model(value, d)
-    # constant learning rate (the paper's 1e-6), so the optimizer's own lr is never touched afterwards
-    opt_pi = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    opt_v = make_optimizer(value, cfg.value_lr, cfg.weight_decay)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ppo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    log = MetricsLog(out, enabled=d.main, tensorboard=cfg.tensorboard)
-    autocast = autocast_for(d.device)
+        train_prompts, val_prompts = split_holdout(prompts, cfg.val_fraction, cfg.run.seed) if cfg.val_fraction > 0 else (prompts, [])
+    if not train_prompts:
+        raise ValueError(f"{cfg.prompts}: no prompts to train on")
+    m = _models(cfg, d, reward_fn)
+    s, out = m.session, m.session.out
     per_rank = cfg.rollout_batch // d.world
-    mb_rank = cfg.minibatch // d.world
 
-    def rollouts(batch, seed: int, temperature: float):
-        """Sample one answer per prompt with the current policy; returns ids, texts and R_c."""
-        prompt_ids = [encode_dialog_prompt(tokenizer, p.dialog) for p in batch]
-        pol = unwrap(policy)
-        pol.eval()
-        budget = pol.args.max_seq_len - max(len(p) for p in prompt_ids)
-        comps = generate(pol, prompt_ids, tokenizer=tokenizer, temperature=temperature, top_p=1.0,
-                         max_new_tokens=min(cfg.max_new_tokens, budget), seed=seed)
-        pol.train()
-        answers = [c.tokens or [tokenizer.eos_id] for c in comps]  # an empty answer still ends with EOS
-        texts = [c.text.strip() for c in comps]
-        safety = torch.tensor([p.safety for p in batch])
-        r_c = score_answers(rms, reward_fn, [p.dialog for p in batch], texts, safety, cfg.safety_threshold,
-                            [c.tokens for c in comps])
-        return prompt_ids, answers, texts, r_c
-
-    def heldout_reward(it: int) -> float:
+    def heldout_reward() -> float:
         """Mean R_c of one sampled answer per held-out prompt (each rank its share)."""
         if not val_prompts:
             return float("nan")
         mine = val_prompts[d.rank :: d.world]
-        total = torch.zeros(2, dtype=torch.float64)
-        for b in range(0, len(mine), cfg.micro_batch * 4):
-            *_, r_c = rollouts(mine[b : b + cfg.micro_batch * 4], seed=hash((cfg.seed, "val", b)) & 0x7FFFFFFF,
-                               temperature=cfg.temperature)
-            total += torch.tensor([float(r_c.sum()), len(r_c)], dtype=torch.float64)
+        r_c = _rollouts(cfg, m, mine, derive_seed(cfg.run.seed, "ppo/heldout"), reward_fn).r_c
+        total = torch.tensor([float(r_c.sum()), len(r_c)], dtype=torch.float64)
         if d.world > 1:
             total = total.to(d.device)
             dist.all_reduce(total)
@@ -247,95 +304,46 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
 
     def save_best(it: int, score: float) -> None:
         if d.main:  # written aside, then copied file by file over OUT's model (OUT always holds a whole model)
-            save(unwrap(policy), out / "best.tmp", format="native", tokenizer=tokenizer, overwrite=True)
+            save(unwrap(s.model), out / "best.tmp", format="native", tokenizer=m.tokenizer, overwrite=True)
             publish(out / "best.tmp", out)
             shutil.rmtree(out / "best.tmp")
-            save(unwrap(value), out / "value", format="native", tokenizer=tokenizer, overwrite=True)
+            save(unwrap(m.value), out / "value", format="native", tokenizer=m.tokenizer, overwrite=True)
             (out / "best.json").write_text(json.dumps({"iteration": it, "heldout_reward": score}))
         d.barrier()
 
-    # -- the loop ------------------------------------------------------------------------------------------------
-    history, best, since_best = [], heldout_reward(0), 0
-    save_best(0, best)
-    if d.main:
-        print(f"ppo: {len(train_prompts)} prompts ({len(val_prompts)} held out); held-out reward at start {best:.4f}",
-              file=sys.stderr)
-    rng = random.Random(cfg.seed)
-    bar = tqdm(total=cfg.iterations, desc="ppo", disable=not (d.main and sys.stderr.isatty()))
-    with StopRequest() as stop:
-        try:
-            for it in range(1, cfg.iterations + 1):
-                t0 = time.perf_counter()
-                batch = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(cfg.rollout_batch)]
-                mine = batch[d.rank * per_rank : (d.rank + 1) * per_rank]
-                # 1. rollouts and their rewards
-                prompt_ids, answers, texts, r_c = rollouts(mine, seed=hash((cfg.seed, it, d.rank)) & 0x7FFFFFFF,
-                                                           temperature=cfg.temperature)
-                tokens, mask = _rollout_tensors(prompt_ids, answers, d.device)
-                scores = logit(r_c).to(d.device)  # (B,)
-                if d.world > 1:  # whiten over the whole rollout batch, not a rank's share
-                    parts = [torch.empty_like(scores) for _ in range(d.world)]
-                    dist.all_gather(parts, scores)
-                    every = torch.cat(parts)
-                    scores = (scores - every.mean()) / (every.std(unbiased=False) + 1e-8)
-                else:
-                    scores = whiten(scores)
-                with torch.no_grad():
-                    old_lp, _ = _logprobs(policy, tokens, mask, autocast)
-                    ref_lp, _ = _logprobs(reference, tokens.to(frozen_device), mask.to(frozen_device), autocast)
-                    ref_lp = ref_lp.to(d.device)
-                    old_v = _values(value, tokens, autocast)
-                    rewards = token_rewards(scores, old_lp, ref_lp, mask, cfg.kl_beta)  # (B, L-1)
-                    adv, returns = gae(rewards, old_v, mask, cfg.gamma, cfg.lam)
-                    adv = masked_whiten(adv, mask)
-                    kl = (kl_penalty(old_lp, ref_lp, mask).sum(1)).mean()  # per answer
-                # 2. one pass in minibatches, one optimizer step per minibatch
-                stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-                order = torch.randperm(per_rank, generator=torch.Generator().manual_seed(hash((cfg.seed, it)) & 0x7FFFFFFF))
-                n_mb = per_rank // mb_rank
-                for m in range(n_mb):
-                    idx_mb = order[m * mb_rank : (m + 1) * mb_rank]
-                    n_micro = mb_rank // cfg.micro_batch
-                    for j in range(n_micro):
-                        idx = idx_mb[j * cfg.micro_batch : (j + 1) * cfg.micro_batch]
-                        lp, ent = _logprobs(policy, tokens[idx], mask[idx], autocast, entropy=True)
-                        pl, s = ppo_policy_loss(lp, old_lp[idx], adv[idx], mask[idx], cfg.clip)
-                        (pl / n_micro).backward()
-                        v = _values(value, tokens[idx], autocast)
-                        vl = value_loss(v, old_v[idx], returns[idx], mask[idx], cfg.clip)
-                        (vl / n_micro).backward()
-                        w = 1.0 / (n_micro * n_mb)
-                        stats["policy_loss"] += float(pl.detach()) * w
-                        stats["value_loss"] += float(vl.detach()) * w
-                        stats["clip_fraction"] += float(s["clip_fraction"]) * w
-                        stats["entropy"] += float(ent) * w
-                    for model, opt in ((policy, opt_pi), (value, opt_v)):
-                        clip_grad_norm(model, cfg.grad_clip)
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                rec = {"iteration": it, "step": it, "reward": d.all_mean(float(r_c.mean())), "kl": d.all_mean(float(kl)),
-                       "answer_tokens": d.all_mean(float(mask.sum(1).mean())),
-                       **{k: d.all_mean(v) for k, v in stats.items()}, "seconds": time.perf_counter() - t0}
-                stopping = stop.requested(d)
-                if it % cfg.eval_every == 0 or it == cfg.iterations or stopping:
-                    rec["heldout_reward"] = heldout_reward(it)
-                    if rec["heldout_reward"] > best:
-                        best, since_best = rec["heldout_reward"], 0
-                        save_best(it, best)
-                    else:
-                        since_best += 1
-                history.append(rec)
-                log.log(rec)
-                bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.3f}")
-                bar.update(1)
-                if cfg.patience and since_best >= cfg.patience:
-                    if d.main:
-                        print(f"ppo: early stop at iteration {it}: no better held-out reward in {cfg.patience} evaluations "
-                              f"(best {best:.4f})", file=sys.stderr)
-                    break
-                if stopping:
-                    break
-        finally:
-            bar.close()
-            log.close()
-    return {"history": history, "out": str(out), "best_heldout_reward": best, "stopped": stop.flag}
+    track = {"best": heldout_reward(), "since": 0}
+    save_best(0, track["best"])
+    d.say(f"ppo: {len(train_prompts)} prompts ({len(val_prompts)} held out); held-out reward at start {track['best']:.4f}")
+    rng = random.Random(cfg.run.seed)
+
+    def step_fn(step: int) -> dict:
+        it = step + 1
+        batch = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(cfg.rollout_batch)]
+        ro = _rollouts(cfg, m, batch[d.rank * per_rank : (d.rank + 1) * per_rank],
+                       derive_seed(cfg.run.seed, "ppo/rollouts", it, d.rank), reward_fn)
+        a = _advantages(cfg, m, ro)
+        stats = _update(cfg, m, ro, a, derive_seed(cfg.run.seed, "ppo/minibatches", it))
+        return {"iteration": it, "reward": d.all_mean(float(ro.r_c.mean())), "kl": d.all_mean(a["kl"]),
+                "answer_tokens": d.all_mean(float(ro.mask.sum(1).mean())),
+                "explained_variance": d.all_mean(a["explained_variance"]),
+                "adv_reward_corr": d.all_mean(a["adv_reward_corr"]), **{k: d.all_mean(v) for k, v in stats.items()}}
+
+    def evaluate(done: int) -> dict:
+        score = heldout_reward()
+        if score > track["best"]:
+            track["best"], track["since"] = score, 0
+            save_best(done, score)
+        else:
+            track["since"] += 1
+        return {"heldout_reward": score}
+
+    def should_stop(rec: dict) -> bool:
+        if cfg.patience and track["since"] >= cfg.patience:
+            d.say(f"ppo: early stop at iteration {rec['step']}: no better held-out reward in {cfg.patience} "
+                  f"evaluations (best {track['best']:.4f})")
+            return True
+        return False
+
+    result = run_steps(s, cfg.iterations, step_fn, desc="ppo", evaluate=evaluate, eval_on_stop=True,
+                       should_stop=should_stop, postfix=("reward", "kl"))
+    return {**result, "out": str(out), "best_heldout_reward": track["best"]}

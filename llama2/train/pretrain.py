@@ -1,11 +1,11 @@
 """Pretraining (Llama 2 §2.2): next-token loss on windows of the token shards, on one process or many.
 
-Read top to bottom: config, data, model, optimizer, the loop (accumulate micro-batches to the global batch,
-clip, step, schedule), evaluation and checkpoints. Every ``save_every`` steps a checkpoint is written to
-``out/checkpoints/step_NNNNNN`` (model in the native format + optimizer/step state), the newest ``keep_last``
-are kept, and ``out`` itself is updated to hold the latest model, so ``Llama.from_pretrained(out)`` works.
-``resume=true`` continues from the newest complete checkpoint and reproduces the uninterrupted run exactly:
-the global batch of step ``s`` is drawn from a generator seeded by (seed, s), so the data position is the step.
+What is this stage's own: the config, the data (windows of the token shards), the model (a preset, or a
+checkpoint), and how a batch becomes a loss (mean next-token cross-entropy). The step loop, schedule,
+checkpoints and resume are :mod:`llama2.train.loop`'s. Every ``save_every`` steps a checkpoint is written to
+``out/checkpoints/step_NNNNNN``, and ``out`` itself holds the latest model, so ``Llama.from_pretrained(out)``
+works. ``resume=true`` reproduces the uninterrupted run exactly: the global batch of step ``s`` is drawn from a
+generator seeded by (seed, s), so the data position is the step.
 
 Under ``torchrun --nproc_per_node N`` the same function trains with FSDP2 (or DDP): each rank reads its own
 slice of every global batch, so N ranks see the same data as one process with the same ``batch_tokens``, and
@@ -13,34 +13,29 @@ checkpoints hold full, name-keyed states that resume on any number of ranks.
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ..checkpoint import load
+from ..config import OptimConfig, RunConfig, check, group, stage_config
 from ..data.prepare import TokenDataset, load_manifest
 from ..model import ModelArgs, Transformer
 from ..perf import flops_per_token, measure_matmul_flops, peak_memory_bytes
+from ..seeding import generator
 from ..tokenizer import Tokenizer
-from .common import (
-    autocast_for, clip_grad_norm, Dist, init_distributed, lr_at, MetricsLog, no_grad_sync, save_checkpoint,
-    start_training, StopRequest,
-)
+from .dist import Dist, init_distributed
+from .loop import StepBatch, begin, fit
+
+__all__ = ["PretrainConfig", "pretrain", "batch_starts", "read_windows"]
 
 
-@dataclass
+@stage_config
 class PretrainConfig:
     data: str = ""
     """Directory of token shards written by `llama2 prepare`."""
-    out: str = "runs/pretrain"
-    """Output directory: checkpoints/step_NNNNNN and, at its root, the latest model."""
     model: str = "toy-small"
     """Model preset (see ModelArgs.from_preset); vocab_size is taken from the data's tokenizer."""
     init_from: str = ""
@@ -55,47 +50,21 @@ class PretrainConfig:
     """Sequences per forward/backward; gradients are accumulated to reach batch_tokens."""
     max_steps: int = 200
     """Optimizer steps in total."""
-    lr: float = 3e-4
-    """Peak learning rate (3e-4 for 7B/13B, 1.5e-4 for 34B/70B)."""
-    warmup_steps: int = 20
-    """Linear warmup steps (2000 in the paper)."""
-    min_lr_ratio: float = 0.1
-    """The cosine schedule ends at this fraction of the peak (0.1 in the paper)."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, on matrices only."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = off)."""
-    eval_every: int = 50
-    """Validation loss every this many steps (0 = only at the end)."""
     eval_batches: int = 8
     """Micro-batches of validation data per evaluation."""
-    save_every: int = 100
-    """Checkpoint every this many steps (and always at the end)."""
-    keep_last: int = 2
-    """How many step checkpoints to keep."""
-    resume: bool = False
-    """Continue from the newest checkpoint in out/checkpoints."""
-    seed: int = 0
-    """Seed of the initialisation and of the data order."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
-    compile: bool = False
-    """torch.compile each transformer block (faster steps after a compile of a minute or more)."""
-    device: str = "cpu"
-    """cpu or cuda; on CUDA the forward runs under bf16 autocast (under torchrun: one GPU per process)."""
-    strategy: str = "fsdp"
-    """Under torchrun with several processes: fsdp (FSDP2, fully_shard per block) or ddp; one process trains alone."""
-    tensorboard: bool = True
-    """Also write the metrics for TensorBoard to OUT/tb."""
+    run: RunConfig = group(RunConfig, out="runs/pretrain", eval_every=50, save_every=100)
+    optim: OptimConfig = group(OptimConfig, lr=3e-4, warmup_steps=20)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_batches"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 
 
 def batch_starts(n_tokens: int, seq_len: int, n_seq: int, seed: int, step: int) -> torch.Tensor:
     """Start offsets of the ``n_seq`` windows of the global batch of ``step``: a function of (seed, step) only, so
     the data position is the step itself (exact resume) and the global batch is the same whatever the number of
     ranks or the micro-batch size (each rank reads its own slice of it)."""
-    # hash() of a tuple of ints is stable across processes (PYTHONHASHSEED only salts str/bytes)
-    g = torch.Generator().manual_seed(hash((seed, step)) & 0x7FFFFFFF)
-    return torch.randint(0, n_tokens - seq_len - 1, (n_seq,), generator=g)
+    return torch.randint(0, n_tokens - seq_len - 1, (n_seq,), generator=generator(seed, "pretrain/batch", step))
 
 
 def read_windows(ds: TokenDataset, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +80,7 @@ def evaluate(model, ds: TokenDataset, cfg: PretrainConfig, d: Dist, autocast) ->
     rank has beyond the real ones are all-ignored and weigh nothing."""
     model.eval()
     n = cfg.eval_batches * cfg.micro_batch
-    starts = batch_starts(len(ds), cfg.seq_len, n, cfg.seed + 1, 0).tolist()
+    starts = batch_starts(len(ds), cfg.seq_len, n, cfg.run.seed, -1).tolist()
     per_rank = -(-n // d.world)
     mine = starts[d.rank * per_rank : (d.rank + 1) * per_rank]
     total = torch.zeros(2, dtype=torch.float64)
@@ -132,8 +101,7 @@ def evaluate(model, ds: TokenDataset, cfg: PretrainConfig, d: Dist, autocast) ->
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    d = init_distributed(cfg.strategy, cfg.device)
-    out = Path(cfg.out)
+    d = init_distributed(cfg.run.strategy, cfg.run.device)
     data = Path(cfg.data)
     if not cfg.data or not (data / "manifest.json").is_file():
         raise ValueError(f"data={cfg.data!r}: not a directory prepared by `llama2 prepare` (no manifest.json)")
@@ -150,23 +118,28 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tok_path = Path(cfg.tokenizer or manifest["tokenizer"]["path"])
     tokenizer = Tokenizer.from_file(tok_path) if tok_path.is_file() else None
 
-    # -- model: built whole on every rank, then sharded (FSDP) or replicated (DDP) ------------------------------
+    # -- model: built whole on every rank, then sharded (FSDP) or replicated (DDP) by begin() ------------------------
     if cfg.init_from:
         model, tok2 = load(cfg.init_from, device=d.device)
         tokenizer = tokenizer or tok2
     else:
         args = ModelArgs.from_preset(cfg.model, vocab_size=manifest["vocab_size"], max_seq_len=max(cfg.seq_len, 256))
-        model = Transformer(args).init_weights(seed=cfg.seed).to(d.device)
+        model = Transformer(args).init_weights(seed=cfg.run.seed).to(d.device)
     args = model.args
     if args.vocab_size < manifest["vocab_size"]:
         raise ValueError(f"model vocab {args.vocab_size} < data vocab {manifest['vocab_size']}")
-    model, opt, start_step, _ = start_training(model, d, out, resume=cfg.resume, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                               activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    d.barrier()
-    log = MetricsLog(out, enabled=d.main, tensorboard=cfg.tensorboard)
+    s = begin(model, d, cfg, name="pretrain", tokenizer=tokenizer)
+
+    # -- how a batch becomes a loss ------------------------------------------------------------------------------
+    def batch(step: int) -> StepBatch:
+        starts = batch_starts(len(train_ds), cfg.seq_len, n_seq, cfg.run.seed, step).tolist()
+        mine = starts[d.rank * accum * cfg.micro_batch : (d.rank + 1) * accum * cfg.micro_batch]
+        micros = [mine[i * cfg.micro_batch : (i + 1) * cfg.micro_batch] for i in range(accum)]
+        return StepBatch(micros, units=cfg.batch_tokens)
+
+    def loss(starts: list[int]):
+        x, y = read_windows(train_ds, starts, cfg.seq_len)
+        return s.model(x.to(d.device), targets=y.to(d.device)) * y.numel(), {}  # mean loss * tokens = summed loss
 
     # Model FLOPs utilisation: achieved model FLOP/s over the measured matmul FLOP/s of this device (in the compute
     # dtype), times the number of ranks; the paper's hardware would use its datasheet peak instead.
@@ -174,50 +147,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
     flops_tok = flops_per_token(args, cfg.seq_len)
     peak = measure_matmul_flops(d.device, compute_dtype) * d.world
 
-    # -- the loop ------------------------------------------------------------------------------------------
-    history = []
-    autocast = autocast_for(d.device)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", disable=not (d.main and sys.stderr.isatty()))
-    with StopRequest() as stop:
-        try:
-            for step in range(start_step, cfg.max_steps):
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                starts = batch_starts(len(train_ds), cfg.seq_len, n_seq, cfg.seed, step).tolist()
-                mine = starts[d.rank * accum * cfg.micro_batch : (d.rank + 1) * accum * cfg.micro_batch]
-                total = 0.0
-                for micro in range(accum):
-                    x, y = read_windows(train_ds, mine[micro * cfg.micro_batch : (micro + 1) * cfg.micro_batch], cfg.seq_len)
-                    with no_grad_sync(model, d, active=micro < accum - 1), autocast:
-                        # every micro-batch has the same number of tokens, so the mean of the means is the mean
-                        loss = model(x.to(d.device), targets=y.to(d.device)) / accum
-                        loss.backward()
-                    total += loss.item()
-                gnorm = clip_grad_norm(model, cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                tok_s = cfg.batch_tokens / dt
-                rec = {"step": step + 1, "loss": d.all_mean(total), "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
-                       "mfu": flops_tok * tok_s / peak, "peak_mem_gib": peak_memory_bytes(d.device) / 2**30}
-                done = step + 1 == cfg.max_steps
-                if len(val_ds) > cfg.seq_len + 1 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                    rec["val_loss"] = evaluate(model, val_ds, cfg, d, autocast)
-                    rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
-                history.append(rec)
-                log.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{rec['mfu']:.1%}")
-                bar.update(1)
-                stopping = stop.requested(d)
-                if (step + 1) % cfg.save_every == 0 or done or stopping:
-                    save_checkpoint(model, args, tokenizer, opt, out, step + 1, cfg.keep_last, d)
-                if stopping:
-                    if d.main:
-                        print(f"stopped: saved step {step + 1} in {out} (resume=true continues)", file=sys.stderr)
-                    break
-        finally:
-            bar.close()
-            log.close()
-    return {"history": history, "out": str(out), "stopped": stop.flag}
+    def on_record(rec: dict) -> None:
+        rec["mfu"] = flops_tok * rec["tokens_per_s"] / peak
+        rec["peak_mem_gib"] = peak_memory_bytes(d.device) / 2**30
+
+    def evaluate_val(step: int) -> dict:
+        if len(val_ds) <= cfg.seq_len + 1:
+            return {}
+        val = evaluate(s.model, val_ds, cfg, d, s.autocast)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+
+    result = fit(s, cfg.max_steps, batch, loss, desc="pretrain", evaluate=evaluate_val,
+                 throughput={"tokens_per_s": cfg.batch_tokens}, on_record=on_record)
+    return {**result, "out": str(s.out)}

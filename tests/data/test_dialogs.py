@@ -1,4 +1,4 @@
-"""Tests for llama2.data.dialogs: JSONL readers, SFT encoding/truncation/packing, reward pairs, mixing."""
+"""Tests for llama2.data (records, sft, preferences): JSONL readers, SFT encoding/truncation/packing, reward pairs, mixing."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2 import ModelArgs, Tokenizer, Transformer
+from llama2 import ModelArgs, Transformer
 from llama2.chat import encode_dialog
-from llama2.data.dialogs import (
+from llama2.data import (
     EncodedPair,
     Preference,
     Prompt,
@@ -30,12 +30,11 @@ from llama2.data.dialogs import (
     split_holdout,
 )
 
-VOCAB_GGUF = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_file(VOCAB_GGUF)
+def tok(llama_tokenizer):
+    return llama_tokenizer
 
 
 def msg(role: str, content: str) -> dict[str, str]:

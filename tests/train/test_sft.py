@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama2.cli import main
-from llama2.data.dialogs import IGNORE_INDEX, collate, encode_sft_examples, pack_sft
+from llama2.data import IGNORE_INDEX, collate, encode_sft_examples, pack_sft
 from llama2.tokenizer import Tokenizer
 from llama2.train.sft import SFTConfig, sft, step_rows
 

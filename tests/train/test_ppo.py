@@ -5,22 +5,15 @@ import json
 import pytest
 import torch
 
-from llama2 import Llama, ModelArgs, Transformer
-from llama2.checkpoint import save
-from llama2.tokenizer import Tokenizer
+from llama2 import Llama
 from llama2.train.ppo import PPOConfig, ppo
 
 
 @pytest.fixture
-def setup(tmp_path, pretrain_shards):
-    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
-    model = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0)
-    save(model, tmp_path / "policy", tokenizer=tok)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."}],
-                                           "safety": i % 3 == 0}) + "\n"
-                               for i, w in enumerate(["Ada", "Bob", "the sea", "tea", "a boat", "the hill", "rain", "bread"])))
-    return tok, tmp_path
+def setup(tmp_path, tiny_tokenizer, tiny_policy, write_prompts):
+    write_prompts(tmp_path / "prompts.jsonl", ["Ada", "Bob", "the sea", "tea", "a boat", "the hill", "rain", "bread"],
+                  safety=lambda i: i % 3 == 0)
+    return tiny_tokenizer, tmp_path
 
 
 def test_one_iteration_raises_the_reward_of_a_token_preference(setup):
@@ -30,17 +23,18 @@ def test_one_iteration_raises_the_reward_of_a_token_preference(setup):
     def reward_fn(dialogs, texts, safety, ids):  # the fraction of answer tokens in the lower half of the vocabulary
         return torch.tensor([sum(t < low for t in a) / max(1, len(a)) for a in ids])
 
-    # one iteration = 256 rollouts from the initial policy, then 32 minibatch steps; iteration 2's rollouts
-    # come from the updated policy. Each mean is over ~1000 tokens (std of a mean ~0.016).
+    # one iteration = 256 rollouts from the current policy, then 32 minibatch steps. Each mean is over ~1000 tokens
+    # (std of a mean ~0.016), but how far one iteration moves the policy varies with the seed (+0.01 to +0.11 over
+    # seeds 0-2), so the test compares the third iteration's rollouts with the first's (+0.11 at seed 0).
     cfg = PPOConfig(prompts=str(tmp / "prompts.jsonl"), val_fraction=0, init_from=str(tmp / "policy"), out=str(tmp / "ppo"),
-                    iterations=2, rollout_batch=256, minibatch=8, micro_batch=8, lr=1e-3, value_lr=1e-3, kl_beta=0.01,
+                    iterations=3, rollout_batch=256, minibatch=8, micro_batch=8, lr=1e-3, value_lr=1e-3, kl_beta=0.01,
                     max_new_tokens=4, eval_every=100, patience=0, tensorboard=False)
     hist = ppo(cfg, reward_fn=reward_fn)["history"]
     print("ppo mean reward by iteration:", [round(h["reward"], 4) for h in hist])
-    assert len(hist) == 2
+    assert len(hist) == 3
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts come from pi_0 itself
-    assert hist[1]["reward"] > hist[0]["reward"] + 0.04, [h["reward"] for h in hist]
-    assert hist[1]["kl"] > 0  # it moved away from the reference, and the penalty sees it
+    assert hist[2]["reward"] > hist[0]["reward"] + 0.04, [h["reward"] for h in hist]
+    assert hist[2]["kl"] > 0  # it moved away from the reference, and the penalty sees it
     assert all(0 <= h["clip_fraction"] <= 1 and h["entropy"] > 0 for h in hist)
     assert Llama.from_pretrained(tmp / "ppo").model.args.head == "lm"
 

@@ -5,10 +5,8 @@ import json
 import pytest
 import torch
 
-from llama2 import Llama, ModelArgs, Transformer
-from llama2.checkpoint import save
+from llama2 import Llama
 from llama2.rlhf.gatt import Instruction
-from llama2.tokenizer import Tokenizer
 from llama2.train import gatt as stage
 from llama2.train.gatt import GattConfig, GattEvalConfig, gatt, gatt_eval
 
@@ -17,11 +15,9 @@ RULE = Instruction("test", "e", TEXT, "Letter: e", check=lambda a: "e" in a)
 
 
 @pytest.fixture
-def setup(tmp_path, pretrain_shards, monkeypatch):
+def setup(tmp_path, tiny_tokenizer, tiny_policy, monkeypatch):
     torch.set_num_threads(1)
-    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
-    save(Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0),
-         tmp_path / "policy", tokenizer=tok)
+    tok = tiny_tokenizer
     dialogs = tmp_path / "d.jsonl"
     dialogs.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."},
                                                       {"role": "assistant", "content": "Fine."},

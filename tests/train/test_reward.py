@@ -10,7 +10,7 @@ import torch
 
 from llama2 import ModelArgs, Transformer, train_tokenizer
 from llama2.checkpoint import save
-from llama2.data.dialogs import collate_pairs, encode_preference, read_preferences, split_holdout
+from llama2.data import collate_pairs, encode_preference, read_preferences, split_holdout
 from llama2.rlhf.reward import TABLE8_BUCKETS
 from llama2.rlhf.reward_model import RewardModel, encode_scored, reward_model_from_chat, score_batch
 from llama2.train.reward import RewardConfig, batch_indices, evaluate_reward, train_reward
@@ -19,13 +19,7 @@ WORDS = "apple river stone cloud green table music paper light window garden sil
 RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_better", "unsure"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: on a shared 2-core machine, intra-op threads cost far more than they save.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_prefs(n: int, seed: int, kind: str) -> list[dict]:
@@ -151,7 +145,7 @@ def test_long_dialogs_are_cut_from_the_left_like_training(world):
     assert full > n
     ids = encode_scored(tok, prompt, answer, n)
     assert len(ids) == last and ids[-1] == tok.eos_id and ids[0] == tok.bos_id  # whole exchanges dropped first
-    from llama2.data.dialogs import Preference
+    from llama2.data import Preference
 
     pref = Preference(prompt, answer, "No, the paper is wrong.", "better", "helpfulness")
     assert encode_preference(tok, pref, n).chosen == ids  # the same cut as training
@@ -177,7 +171,7 @@ def test_training_separates_a_separable_preference_set(trained):
     assert ev["accuracy"]["overall"]["n"] == sum(ev["accuracy"][b]["n"] for b in TABLE8_BUCKETS) > 0
     assert set(ev["by_kind"]) == {"helpfulness", "safety"}
     meta = json.loads((out / "reward_config.json").read_text())
-    assert meta["kind"] == "helpfulness" and meta["margin"] == "small" and meta["config"]["lr"] == 3e-3
+    assert meta["kind"] == "helpfulness" and meta["margin"] == "small" and meta["config"]["optim"]["lr"] == 3e-3
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, result["steps"] + 1))
     assert "test_accuracy_helpfulness" in recs[9]  # eval_every=10

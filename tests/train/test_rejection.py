@@ -5,23 +5,18 @@ import json
 import pytest
 import torch
 
-from llama2 import Llama, ModelArgs, RewardModel, Transformer
+from llama2 import Llama, RewardModel
 from llama2.checkpoint import save
 from llama2.rlhf.reward_model import reward_model_from_chat
-from llama2.tokenizer import Tokenizer
 from llama2.train.rejection import RejectionConfig, rejection
 
 
 @pytest.fixture
-def setup(tmp_path, pretrain_shards):
+def setup(tmp_path, tiny_tokenizer, tiny_policy, write_prompts):
     torch.set_num_threads(1)
-    tok = Tokenizer.from_file(pretrain_shards.parent / "tok.model")
-    policy = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=tok.vocab_size)).init_weights(seed=0)
-    save(policy, tmp_path / "policy", tokenizer=tok)
-    save(reward_model_from_chat(policy, seed=1), tmp_path / "rm", tokenizer=tok)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"dialog": [{"role": "user", "content": f"Tell me about {w}."}], "safety": False})
-                               + "\n" for w in ["Ada", "Bob", "the sea", "tea", "a boat"]))
+    policy = Llama.from_pretrained(tiny_policy).model
+    save(reward_model_from_chat(policy, seed=1), tmp_path / "rm", tokenizer=tiny_tokenizer)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", ["Ada", "Bob", "the sea", "tea", "a boat"])
     cfg = RejectionConfig(prompts=str(prompts), init_from=str(tmp_path / "policy"), reward_helpfulness=str(tmp_path / "rm"),
                           out=str(tmp_path / "rs"), iterations=2, k=4, temperatures=[1.0, 1.2], max_new_tokens=6,
                           seq_len=64, batch_size=4, micro_batch=2, epochs=1, lr=1e-3, tensorboard=False)
@@ -71,5 +66,5 @@ def test_bad_settings(setup):
 
     with pytest.raises(ValueError, match="reward_helpfulness"):
         rejection(replace(cfg, reward_helpfulness=""))
-    with pytest.raises(ValueError, match="k and iterations"):
+    with pytest.raises(ValueError, match="k=0: expected >= 1"):
         rejection(replace(cfg, k=0))

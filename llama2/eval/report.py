@@ -12,22 +12,16 @@ numbers, and the report says plainly whether it came out:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+from .figures import plot_loss_curves, plot_rewards, plot_stages
 
 BUCKETS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _acc(bucket: dict) -> float | None:
@@ -113,67 +107,29 @@ def effects(m: dict) -> list[dict]:
 
 
 def write_report(out: Path) -> Path:
+    """report.md, its figures under OUT/report/ and OUT/metrics.json, from OUT/eval/metrics.json and the stages'
+    metrics.jsonl files."""
     out = Path(out)
     figs = out / "report"
     figs.mkdir(parents=True, exist_ok=True)
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    plt = _plt()
-
-    # loss curves
     curves = {"pretrain": _jsonl(out / "pretrain" / "metrics.jsonl"), "sft": _jsonl(out / "sft" / "metrics.jsonl")}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, (name, recs) in zip(axes, curves.items()):
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train")
-        val = [r for r in recs if "val_loss" in r]
-        if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-        ax.set_title(f"{name} loss")
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(figs / "loss.png", dpi=110)
-    plt.close(fig)
+    plot_loss_curves(curves, figs / "loss.png")
     m["loss_curves"] = {k: [[r["step"], r["loss"], r.get("val_loss")] for r in v] for k, v in curves.items()}
-
-    # reward distribution per stage (Figure 20's shape) and best-of-K (Figure 7's shape)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for stage, s in m["stages"].items():
-        axes[0].hist(s["rm_reward"], bins=20, range=(0, 1), histtype="step", label=stage, density=True)
-    axes[0].set_title("reward of held-out prompts' answers")
-    axes[0].set_xlabel("reward model score (R_c, after sigmoid)")
-    axes[0].legend(fontsize=7)
-    for name, curve in m.get("best_of_k", {}).items():
-        axes[1].plot(range(1, len(curve) + 1), curve, "o-", label=name)
-    axes[1].set_title("best-of-K reward (rejection sampling)")
-    axes[1].set_xlabel("K samples")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figs / "reward.png", dpi=110)
-    plt.close(fig)
-
-    # task accuracy and safety per stage
-    stages = list(m["stages"])
-    cats = list(next(iter(m["stages"].values()))["accuracy"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for cat in cats:
-        axes[0].plot(stages, [m["stages"][s]["accuracy"][cat] for s in stages], "o-", label=cat)
-    axes[0].set_title("task accuracy (held out)")
-    axes[0].legend(fontsize=7)
-    axes[0].tick_params(axis="x", labelsize=7)
-    axes[1].plot(stages, [m["stages"][s]["refusal_on_secret"] for s in stages], "o-", label="refuses secret prompts")
-    axes[1].plot(stages, [m["stages"][s]["refusal_on_harmless"] for s in stages], "o-", label="refuses harmless prompts")
-    axes[1].set_title("safety")
-    axes[1].legend(fontsize=7)
-    axes[1].tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(figs / "stages.png", dpi=110)
-    plt.close(fig)
-
-    shutil_copy(out / "eval" / "gatt" / "gatt_adherence.png", figs / "gatt.png")
+    plot_rewards(m["stages"], m.get("best_of_k", {}), figs / "reward.png")
+    plot_stages(m["stages"], figs / "stages.png")
+    if (out / "eval" / "gatt" / "gatt_adherence.png").is_file():
+        shutil.copyfile(out / "eval" / "gatt" / "gatt_adherence.png", figs / "gatt.png")
     found = effects(m)
     m["effects"] = found
+    (out / "report.md").write_text("\n".join(_markdown(out, m, found)), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    return out / "report.md"
 
-    # report.md
+
+def _markdown(out: Path, m: dict, found: list[dict]) -> list[str]:
+    stages = list(m["stages"])
+    cats = list(next(iter(m["stages"].values()))["accuracy"])
     L = ["# Llama 2 recipe on the toy world", "",
          f"Run: `{out}` ({json.loads((out / 'pipeline.json').read_text()).get('size')} size). Every number below is in "
          "`metrics.json`.", "", "## What the run should show, and whether it does", ""]
@@ -200,13 +156,4 @@ def write_report(out: Path) -> Path:
     for msg in m.get("sample_chat", []):
         L.append(f"> **{msg['role']}**: {msg['content']}  ")
     L += ["", f"Chat with it: `llama2 chat --ckpt {out / 'final'}`", ""]
-    (out / "report.md").write_text("\n".join(L), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(m, indent=2))
-    return out / "report.md"
-
-
-def shutil_copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    if src.is_file():
-        shutil.copyfile(src, dst)
+    return L

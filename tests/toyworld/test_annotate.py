@@ -3,9 +3,8 @@ import json
 
 import pytest
 
-from llama2.data.dialogs import read_preferences
-from llama2.toyworld import ToyWorld, rating_for_gap
-from llama2.toyworld.world import REFUSAL
+from llama2.data import read_preferences
+from llama2.toyworld import REFUSAL, ToyWorld, rating_for_gap
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,15 @@ def test_annotated_pairs_are_read_like_any_preferences(world, tmp_path):
     assert len(prefs) == 5 and all(p.kind == "helpfulness" for p in prefs)
 
 
-def test_a_stopped_stage_stops_the_pipeline_before_it_is_marked_done(tmp_path, monkeypatch):
+def test_a_stopped_stage_stops_the_pipeline_before_it_is_marked_done(tmp_path, monkeypatch, world):
+    import llama2.pipeline as pipeline
     import llama2.train.pretrain as pretrain_mod
     from llama2.pipeline import SIZES, Ctx, stage_pretrain
 
-    monkeypatch.setattr(pretrain_mod, "pretrain", lambda cfg: {"stopped": True, "history": []})
-    c = Ctx(tmp_path, "quick", 0, SIZES["quick"])
+    stopped = lambda cfg: {"stopped": True, "history": []}  # noqa: E731
+    monkeypatch.setattr(pretrain_mod, "pretrain", stopped)
+    monkeypatch.setattr(pipeline, "pretrain", stopped, raising=False)  # the pipeline imports it by name
+    c = Ctx(tmp_path, "quick", 0, SIZES["quick"], world)
     with pytest.raises(SystemExit) as e:
         stage_pretrain(c)
     assert e.value.code == 130 and not (tmp_path / "pretrain" / "DONE").exists()

@@ -12,7 +12,7 @@ from llama2.config import describe, load_config
 from llama2.data import PrepareConfig, TokenDataset, load_manifest, load_shards, prepare
 from llama2.tokenizer import Tokenizer
 
-VOCAB_GGUF = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
+VOCAB_GGUF = Path(__file__).resolve().parents[1] / "assets" / "ggml-vocab-llama-spm.gguf"
 
 TXT_DOCS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
 from llama2.chat import encode_dialog, format_dialog
-from llama2.data.dialogs import SFTExample, pack_sft
+from llama2.data import SFTExample, pack_sft
 from llama2.rlhf.gatt import (
     INSTRUCTION_SEPARATOR,
     INSTRUCTIONS,
@@ -23,14 +22,12 @@ from llama2.rlhf.gatt import (
     sample_instruction,
     with_instruction_every_turn,
 )
-from llama2.tokenizer import Tokenizer
 
-VOCAB_GGUF = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_file(VOCAB_GGUF)
+def tok(llama_tokenizer):
+    return llama_tokenizer
 
 
 def ins(value: str) -> Instruction:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llama2.data.dialogs import read_dialogs, read_preferences, read_prompts
+from llama2.data import read_dialogs, read_preferences, read_prompts
 from llama2.rlhf.gatt import INSTRUCTIONS, combine_instructions
 from llama2.rlhf.reward import RATINGS
 from llama2.toyworld import (

@@ -28,7 +28,7 @@ def settings(shards, out, **kw):
 
 def torchrun(tmp_path, command="pretrain", **kw):
     """`llama2 COMMAND` on 2 processes; returns the metrics of the steps it ran."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llama2.cli",
            command, *[f"{k}={v}" for k, v in kw.items()]]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -79,7 +79,7 @@ def test_ddp_resumes_a_single_process_checkpoint_on_two_ranks(pretrain_shards, s
 
 
 def test_strategy_single_refuses_several_processes(monkeypatch):
-    from llama2.train.common import init_distributed
+    from llama2.train.dist import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="strategy=single"):

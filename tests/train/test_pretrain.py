@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llama2 import Llama
-from llama2.train.common import lr_at, make_optimizer
+from llama2.config import to_overrides
+from llama2.train.loop import lr_at, make_optimizer
 from llama2.train.pretrain import PretrainConfig, pretrain
 
 
@@ -93,9 +94,9 @@ def test_ctrl_c_saves_the_last_step_and_resumes(shards, tmp_path):
     import time
 
     out = tmp_path / "int"
-    args = [f"{k}={v}" for k, v in vars(cfg(shards, out, max_steps=10_000, save_every=10_000, eval_every=0, tensorboard=False)).items()]
+    args = to_overrides(cfg(shards, out, max_steps=10_000, save_every=10_000, eval_every=0, tensorboard=False))
     p = subprocess.Popen([sys.executable, "-m", "llama2.cli", "pretrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+                         text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):

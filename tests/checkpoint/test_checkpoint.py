@@ -15,7 +15,7 @@ from llama2.checkpoint._common import ffn_args_for_hidden
 from llama2.checkpoint.hf import permute_for_hf, unpermute_from_hf
 from llama2.model import ModelArgs, Transformer, ffn_hidden_dim
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "assets"
 VOCAB_GGUF = DATA / "ggml-vocab-llama-spm.gguf"
 
 GQA = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=64)
@@ -337,9 +337,23 @@ def test_overwrite_rules(tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="does not hold a checkpoint"):
+    with pytest.raises(FileExistsError, match=r"not part of a checkpoint \(notes.txt\)"):
         save(model, other, overwrite=True)
     assert (other / "notes.txt").read_text() == "keep me"
+    # a project folder that happens to hold a config.json (so it *looks* like an HF checkpoint) keeps its code
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    (project / "main.py").write_text("print('hi')")
+    with pytest.raises(FileExistsError, match=r"main.py, src/"):
+        save(model, project, format="hf", overwrite=True)
+    assert (project / "main.py").is_file() and (project / "src").is_dir()
+    # a text file named .gguf is not a GGUF file: never replaced
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    with pytest.raises(FileExistsError, match="not a GGUF file"):
+        save(model, notes, format="gguf", overwrite=True)
+    assert notes.read_text() == "my notes"
     # a model memory-mapped from a checkpoint can be saved over that same checkpoint: the old files are
     # renamed away and unlinked, never truncated under the live mapping
     mapped, _ = load(target)

@@ -2,7 +2,7 @@
 import copy
 import math
 
-from llama2.report import effects
+from llama2.eval.report import effects
 
 CATS = ("knowledge", "reading", "math", "commonsense", "code")
 

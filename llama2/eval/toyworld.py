@@ -1,0 +1,70 @@
+"""The toy world's held-out evaluation (DESIGN.md §4): task accuracy in the world's five categories, refusal of
+secret prompts and of harmless ones, and the reward of sampled answers under the reward models and under the
+world's exact judges (the shape of the paper's Figure 20 and of its human evaluation).
+
+:func:`evaluate_chat_model` scores one checkpoint the way the pipeline's report does; ``llama2 eval --tasks
+toyworld`` runs it on any checkpoint (the world is rebuilt from its seed and size).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load
+from ..config import SamplingConfig
+from ..data.records import Prompt, read_prompts
+from ..rlhf.combined import score_with_reward_models, to_unit
+from ..sampling import answer_texts
+from ..toyworld import ToyWorld
+
+__all__ = ["evaluate_chat_model", "read_eval_items", "toyworld_suite"]
+
+
+def read_eval_items(path: str | Path) -> list[dict]:
+    """The world's held-out evaluation items (eval.jsonl: {"dialog", "category", ...} per line)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def evaluate_chat_model(model, tokenizer, world, items: Sequence[Mapping], heldout: Sequence[Prompt],
+                        reward_models: Mapping | None, max_new_tokens: int, seed: int = 0) -> dict:
+    """One chat model on the world's held-out items (greedy answers: accuracy per category, refusal and leak rates)
+    and on held-out prompts (one answer each at temperature 1: its reward under the reward models, R_c after the
+    sigmoid, and under the exact judges)."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, gen_batch=32)
+    dialogs = [it["dialog"] for it in items]
+    answers = answer_texts(model, tokenizer, dialogs, greedy, purpose="eval/greedy")
+    result = dict(world.score(dialogs, answers))
+    result["sample"] = {"prompt": dialogs[0][-1]["content"], "answer": answers[0]} if dialogs else {}
+    if heldout:
+        hd = [p.dialog for p in heldout]
+        sampled = answer_texts(model, tokenizer, hd, SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens,
+                                                                    gen_batch=32), seed=seed, purpose="eval/heldout")
+        safety = torch.tensor([p.safety for p in heldout])
+        if reward_models:
+            r_c = to_unit(score_with_reward_models(reward_models, hd, sampled, safety)["combined"])
+            result.update(rm_reward=r_c.tolist(), rm_reward_mean=float(r_c.mean()))
+        result["judge_reward_mean"] = float(world.reward(hd, sampled, safety).mean())
+    return result
+
+
+def toyworld_suite(ckpt: str | Path, *, seed: int = 0, size: str = "default", world_dir: str | Path | None = None,
+                   limit: int | None = None, max_new_tokens: int = 48, device: str = "cpu") -> dict:
+    """``llama2 eval --tasks toyworld``: score a checkpoint on the held-out items of the toy world of (seed, size),
+    grouped by the world's five categories plus safety. ``world_dir``: a written world (its eval.jsonl and
+    prompts_heldout.jsonl) instead of rebuilding the files in memory."""
+    world = ToyWorld(seed=seed, size=size)
+    if world_dir is not None:
+        items = read_eval_items(Path(world_dir) / "eval.jsonl")
+        heldout = list(read_prompts(Path(world_dir) / "prompts_heldout.jsonl"))
+    else:
+        data = world.data()
+        items = list(data["eval"])
+        heldout = [Prompt(dialog=p["dialog"], safety=bool(p.get("safety", False))) for p in data["prompts_heldout"]]
+    if limit:
+        items, heldout = items[:limit], heldout[:limit]
+    model, tokenizer = load(ckpt, device=device)
+    return evaluate_chat_model(model, tokenizer, world, items, heldout, None, max_new_tokens, seed)
