@@ -338,6 +338,22 @@ def cmd_pipeline(args) -> None:
     print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
 
 
+def cmd_eval(args) -> None:
+    from lm_eval.utils import make_table  # lm-eval takes about 2 s to import: only when evaluating
+
+    from .eval.harness import run_eval
+    from .eval.paper import format_table
+
+    results = run_eval(args.ckpt, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                       include_path=args.include_path, batch_size=args.batch_size, device=args.device, chat=args.chat,
+                       out=args.out, allow_code_execution=args.allow_code_execution)
+    print(make_table(results))
+    if "paper" in [t.strip() for t in args.tasks.split(",")]:
+        print(format_table(results, name=str(args.ckpt)))
+    if args.out:
+        print(f"results in {args.out}", file=sys.stderr)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -417,6 +433,28 @@ def _add_other_commands(sub, chosen: str | None) -> None:
     p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE", help="override a stage's field, e.g. ppo.kl_beta=0.02")
     p.set_defaults(func=cmd_pipeline)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint on lm-evaluation-harness tasks, the paper's set, or the toy world",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run lm-evaluation-harness tasks on a checkpoint through this package's model (log-"
+                       "likelihood, rolling log-likelihood, generation until stop strings) and write lm-eval's results "
+                       "JSON. --tasks paper runs the Llama 2 paper's benchmark set and prints it grouped like its "
+                       "Table 3; --tasks toyworld scores the built-in world's held-out tasks as the pipeline's report "
+                       "does. Datasets are downloaded by lm-eval where a task needs them.",
+                       epilog="examples:\n  llama2 eval --ckpt runs/toy/final --tasks toyworld\n"
+                              "  llama2 eval --ckpt out/7b-hf --tasks hellaswag,arc_easy --num-fewshot 0 --limit 100\n"
+                              "  llama2 eval --ckpt out/7b-hf --tasks paper --out results.json")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or globs, task YAML files, 'paper' or 'toyworld'")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for every task (default: each task's own; 'paper' uses the paper's)")
+    p.add_argument("--limit", type=float, default=None, help="at most this many examples per task (a fraction if < 1); for quick checks")
+    p.add_argument("--include-path", action="append", default=None, help="a folder of extra task YAMLs (repeat)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu; bf16 on CUDA)")
+    p.add_argument("--chat", action="store_true", help="render prompts in the Llama 2 chat format")
+    p.add_argument("--allow-code-execution", action="store_true", help="let code tasks (HumanEval, MBPP) run the model's code")
+    p.add_argument("--out", default=None, help="write lm-eval's results JSON here")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--seed", type=int, default=0)
@@ -453,7 +491,7 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = _command_of(argv)
-    parser = build_parser(chosen if chosen in (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "demo") else None)
+    parser = build_parser(chosen if chosen in (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "eval", "demo") else None)
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("LLAMA2_DEBUG", "") not in ("", "0")
     try:

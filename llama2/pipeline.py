@@ -14,6 +14,7 @@ default world, 500 steps of 2,048 tokens recall 90-95% of held-out facts after S
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 import time
@@ -30,6 +31,7 @@ from .eval.gatt import GattEvalConfig, gatt_eval
 from .eval.report import write_report
 from .eval.reward import evaluate_reward
 from .eval.toyworld import evaluate_chat_model, read_eval_items
+from .eval.winrate import compare_answers, win_rate
 from .sampling import answer_texts
 from .tokenizer import train_tokenizer
 from .toyworld import ToyWorld
@@ -41,29 +43,29 @@ from .train.reward import RewardConfig, train_reward
 from .train.sft import SFTConfig, sft
 from .train.state import publish
 
-STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "reward", "rejection", "ppo", "gatt", "eval", "report")
+STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "rlhf", "ppo", "gatt", "eval", "report")
 
 # Per-size settings. Learning rates are far above the paper's: a model of a few million parameters trained for
 # minutes needs large steps; the structure of every stage (losses, schedules, selection rules) is the paper's.
 SIZES = {
     "quick": dict(
-        world="quick", vocab=512, model="toy-tiny", seq_len=128,
+        world="quick", vocab=512, model="toy-tiny", seq_len=128, versions=2,
         pretrain=dict(max_steps=800, batch_tokens=2048, micro_batch=16, lr=3e-3, warmup_steps=20, eval_every=200),
         sft=dict(epochs=6, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=5),
         annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=32),
         reward=dict(epochs=2, batch_pairs=16, micro_batch=8, lr=3e-4),
-        rejection=dict(iterations=2, k=4, temperatures=[1.0, 1.1], max_new_tokens=32, epochs=1, batch_size=16,
-                       micro_batch=8, lr=2e-4),
+        rejection=dict(k=4, temperatures=[1.0, 1.1], max_new_tokens=32, epochs=1, batch_size=16, micro_batch=8,
+                       lr=2e-4),
         ppo=dict(iterations=4, rollout_batch=32, minibatch=8, micro_batch=8, lr=2e-5, value_lr=1e-4,
                  max_new_tokens=32, eval_every=2, patience=0),
         gatt=dict(turns=4, k=4, max_new_tokens=24, epochs=1, batch_size=16, micro_batch=8, lr=2e-4),
         eval=dict(max_new_tokens=32, gatt_probes=8, gatt_turns=20, k_curve=4),
         # measured stage times on the reference 2-core machine (the progress line's estimate of time left)
-        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=52, sft=6, reward=18, rejection=5, ppo=4, gatt=1,
-                     eval=9, report=2),
+        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=52, sft=6, rlhf=23, ppo=4, gatt=1, eval=9, report=2),
     ),
     "default": dict(
         world="default", world_overrides=dict(preferences=900, prompts=300), vocab=1024, model="toy-small", seq_len=256,
+        versions=3,
         pretrain=dict(max_steps=500, batch_tokens=2048, micro_batch=8, lr=2e-3, warmup_steps=20, eval_every=100),
         sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
         # 90 steps of 16 pairs at 3e-4 (it was 45 of 32 at 1e-4): the margin RM's held-out "better" pairs went 60% -> 70%
@@ -74,14 +76,14 @@ SIZES = {
         # T 0.7/0.8 rather than 1.0/1.1: at 1.0 a sample of this model is right 37.5% of the time against 41% at
         # 0.7, with the same pass@4 (56%); after SFT at 38.4%, RS 2 reached 36.0% on the hotter samples and 37.8% on
         # these (Figure 8's point: the best temperature depends on the model)
-        rejection=dict(iterations=2, k=4, temperatures=[0.7, 0.8], max_new_tokens=48, epochs=2, batch_size=16,
-                       micro_batch=8, lr=1e-4),
+        rejection=dict(k=4, temperatures=[0.7, 0.7, 0.7], max_new_tokens=48, epochs=2, batch_size=16, micro_batch=8,
+                       lr=1e-4),
         ppo=dict(iterations=12, rollout_batch=64, minibatch=16, micro_batch=8, lr=1e-5, value_lr=1e-4,
                  max_new_tokens=48, eval_every=4, patience=3),
         gatt=dict(turns=6, k=4, max_new_tokens=32, epochs=2, batch_size=16, micro_batch=8, lr=1e-4),
         eval=dict(max_new_tokens=48, gatt_probes=24, gatt_turns=20, k_curve=8),
-        seconds=dict(world=2, tokenizer=1, prepare=1, pretrain=341, sft=93, reward=270, rejection=85, ppo=177, gatt=56,
-                     eval=88, report=1),
+        seconds=dict(world=2, tokenizer=1, prepare=1, pretrain=341, sft=93, rlhf=400, ppo=177, gatt=56, eval=100,
+                     report=1),
     ),
 }
 
@@ -163,84 +165,156 @@ def stage_sft(c: Ctx) -> None:
     _mark(c.out / "sft")
 
 
-def reward_dirs(c: Ctx) -> dict[str, Path]:
-    return {f"{kind} RM ({'margin' if margin != 'none' else 'no margin'})": c.out / "reward" / f"{kind}-{margin}"
-            for kind in ("helpfulness", "safety") for margin in ("none", "small")}
+# -- RLHF versions (§3.2.1, §3.2.3: RLHF-V1 ... V5) -----------------------------------------------------------------
+# Each version: the latest model answers a new slice of the prompts twice per temperature; the world's judges (the
+# annotators) rate pairs of those answers; the reward models are retrained on all preference data so far; rejection
+# sampling draws K answers per new prompt from the latest model, keeps the best (with the best of every earlier
+# version, re-scored), and fine-tunes the SFT model on them. PPO then runs on the last version's model.
 
 
-def annotate_samples(c: Ctx) -> Path:
-    """New preference pairs on the SFT model's own answers, rated by the world's judges (the annotators).
+def version_dir(c: Ctx, v: int) -> Path:
+    return c.out / "rlhf" / f"v{v}"
 
-    §3.2.1: each comparison is between "two responses to a given prompt ... sampled from two different model
-    variants, and varying the temperature", and the reward model is retrained as new batches on the latest
-    model's samples arrive ("it is important before a new Llama 2-Chat tuning iteration to gather new
-    preference data using the latest Llama 2-Chat iterations", so the reward model stays on the policy's
-    distribution). The world's own pairs are written by rule; these pairs carry the errors this model makes,
-    which is what rejection sampling and PPO need the reward models to judge.
-    """
-    path = c.out / "reward" / "annotated.jsonl"
-    if path.is_file():
-        return path
-    a = c.s["annotate"]
-    model, tok = load(c.out / "sft", device=c.device)
-    prompts = list(read_prompts(c.paths["prompts"]))
-    dialogs = [p.dialog for p in prompts]
 
-    def answers(temperature: float, i: int) -> list[str]:
-        sampling = SamplingConfig(temperature=temperature, max_new_tokens=a["max_new_tokens"], gen_batch=32)
-        return answer_texts(model, tok, dialogs, sampling, seed=c.seed, purpose=f"annotate/{temperature}/{i}")
+def latest_model(c: Ctx, v: int) -> Path:
+    """The model version v samples from: the SFT model for v1, else the previous version's rejection-sampling model."""
+    return c.out / "sft" if v == 1 else version_dir(c, v - 1) / "rejection"
 
-    # `pairs` answers per prompt at each of the two temperatures; pair i compares answer i of each
-    lo = [answers(a["temperatures"][0], i) for i in range(a["pairs"])]
-    hi = [answers(a["temperatures"][1], i) for i in range(a["pairs"])]
-    rows, ties, empty = [], 0, 0
-    for j, p in enumerate(prompts):
-        for i in range(a["pairs"]):
-            if not lo[i][j] or not hi[i][j]:  # an empty answer cannot be written as a preference
-                empty += 1
-                continue
-            pair = c.world.annotate(p.dialog, lo[i][j], hi[i][j], safety=p.safety)
-            if pair is None:
-                ties += 1
-            else:
-                rows.append(pair)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    _say(f"  annotated {len(rows)} pairs of the SFT model's samples ({ties} ties and {empty} with an empty answer dropped) -> {path}")
+
+def reward_dirs(c: Ctx, v: int | None = None) -> dict[str, Path]:
+    """The reward models of version v (default: the last). Margin-free ones exist for the last version only (the
+    report's with/without-margin comparison, Table 28)."""
+    v = v or c.s["versions"]
+    margins = ("none", "small") if v == c.s["versions"] else ("small",)
+    return {f"{kind} RM ({'margin' if m != 'none' else 'no margin'})": version_dir(c, v) / "reward" / f"{kind}-{m}"
+            for kind in ("helpfulness", "safety") for m in margins}
+
+
+def _rms(c: Ctx, v: int | None = None) -> dict:
+    d = version_dir(c, v or c.s["versions"]) / "reward"
+    return dict(reward_helpfulness=str(d / "helpfulness-small"), reward_safety=str(d / "safety-small"))
+
+
+def _version_prompts(c: Ctx, v: int) -> Path:
+    """Version v's new prompts: every V-th prompt of the world's prompts file, starting at v - 1."""
+    path = version_dir(c, v) / "prompts.jsonl"
+    if not path.is_file():
+        lines = [ln for ln in Path(c.paths["prompts"]).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in lines[v - 1 :: c.s["versions"]]), encoding="utf-8")
     return path
 
 
-def stage_reward(c: Ctx) -> None:
-    (c.out / "reward").mkdir(parents=True, exist_ok=True)
-    annotated = annotate_samples(c)
-    for name, d in reward_dirs(c).items():
+def annotate_samples(c: Ctx, v: int) -> tuple[Path, Path]:
+    """New preference pairs on the latest model's answers to version v's prompts, rated by the world's judges (the
+    annotators); 20% of the prompts' pairs are held out to measure the reward models on the newest distribution.
+
+    §3.2.1: each comparison is between "two responses to a given prompt ... sampled from two different model
+    variants, and varying the temperature", and "it is important before a new Llama 2-Chat tuning iteration to
+    gather new preference data using the latest Llama 2-Chat iterations". Each prompt gets ``pairs`` answers at
+    each of two temperatures; answer i at the low temperature is compared with answer i at the high one, and when
+    the judges find them equal, with the prompt's other answers in turn (a tie teaches the reward model nothing).
+    """
+    vdir = version_dir(c, v)
+    train, test = vdir / "annotated.jsonl", vdir / "annotated_test.jsonl"
+    if train.is_file() and test.is_file():
+        return train, test
+    a = c.s["annotate"]
+    model, tok = load(latest_model(c, v), device=c.device)
+    prompts = list(read_prompts(_version_prompts(c, v)))
+    dialogs = [p.dialog for p in prompts]
+    answers = []  # per temperature and i: one answer per prompt
+    for temperature in a["temperatures"]:
+        for i in range(a["pairs"]):
+            sampling = SamplingConfig(temperature=temperature, max_new_tokens=a["max_new_tokens"], gen_batch=64)
+            answers.append(answer_texts(model, tok, dialogs, sampling, seed=c.seed, purpose=f"annotate/v{v}/{temperature}/{i}"))
+    rows: list[tuple[int, dict]] = []
+    ties = 0
+    for j, p in enumerate(prompts):
+        cands = [ans[j] for ans in answers]
+        order = [(i, a["pairs"] + i) for i in range(a["pairs"])]  # (low T answer i, high T answer i) first
+        order += [(x, y) for x in range(len(cands)) for y in range(x + 1, len(cands)) if (x, y) not in order]
+        used: set[int] = set()
+        for _ in range(a["pairs"]):
+            for x, y in order:
+                if x in used or y in used or not cands[x] or not cands[y]:
+                    continue
+                pair = c.world.annotate(p.dialog, cands[x], cands[y], safety=p.safety)
+                if pair is not None:
+                    rows.append((j, {**pair, "version": v}))
+                    used |= {x, y}
+                    break
+            else:
+                ties += 1
+    held = set(random.Random(c.seed * 1000 + v).sample(range(len(prompts)), len(prompts) // 5))
+    for path, part in ((train, [r for j, r in rows if j not in held]), (test, [r for j, r in rows if j in held])):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        tmp.replace(path)
+    _say(f"  v{v}: annotated {len(rows)} pairs of {latest_model(c, v).name}'s answers to {len(prompts)} prompts "
+         f"({ties} prompts' pairs tied); {sum(j in held for j, _ in rows)} held out")
+    return train, test
+
+
+def _train_reward_models(c: Ctx, v: int) -> None:
+    """Version v's reward models, retrained from the SFT model on all preference data so far (§3.2.1)."""
+    data = [c.paths["preferences"]] + [str(version_dir(c, u) / "annotated.jsonl") for u in range(1, v + 1)]
+    for name, d in reward_dirs(c, v).items():
         if _done(d):
             continue
         kind, margin = d.name.split("-")
-        _say(f"  {name}")
-        _finished(train_reward(c.config(RewardConfig, "reward", data=[c.paths["preferences"], str(annotated)],
-                                        val_data=c.paths["preferences_heldout"], kind=kind, margin=margin,
-                                        init_from=str(c.out / "sft"), out=str(d), seq_len=c.s["seq_len"], save_every=10**9,
-                                        keep_last=1, tensorboard=False, **c.s["reward"])))
+        _say(f"  v{v}: {name}")
+        _finished(train_reward(c.config(RewardConfig, "reward", data=data, val_data=c.paths["preferences_heldout"],
+                                        kind=kind, margin=margin, init_from=str(c.out / "sft"), out=str(d),
+                                        seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, tensorboard=False,
+                                        **c.s["reward"])))
         _mark(d)
-    _mark(c.out / "reward")
 
 
-def _rms(c: Ctx) -> dict:
-    return dict(reward_helpfulness=str(c.out / "reward" / "helpfulness-small"), reward_safety=str(c.out / "reward" / "safety-small"))
+def _fresh_accuracy(c: Ctx, v: int) -> dict:
+    """The reward models' accuracy on version v's held-out fresh pairs (the newest model's answers), per rating:
+    the previous version's models (before they saw this distribution) and this version's."""
+    prefs = list(read_preferences(version_dir(c, v) / "annotated_test.jsonl"))
+    out: dict = {}
+    for label, u in (("before", v - 1), ("after", v)):
+        if u < 1:
+            continue
+        for kind in ("helpfulness", "safety"):
+            mine = [p for p in prefs if p.kind == kind]
+            if mine:
+                out[f"{kind} RM v{u}"] = evaluate_reward(str(version_dir(c, u) / "reward" / f"{kind}-small"), mine, device=c.device)
+                out[f"{kind} RM v{u}"]["when"] = label
+    return out
 
 
-def stage_rejection(c: Ctx) -> None:
-    _finished(rejection(c.config(RejectionConfig, "rejection", prompts=c.paths["prompts"], init_from=str(c.out / "sft"),
-                                 out=str(c.out / "rejection"), seq_len=c.s["seq_len"], tensorboard=False, **_rms(c),
-                                 **c.s["rejection"])))
-    _mark(c.out / "rejection")
+def _rejection_version(c: Ctx, v: int) -> None:
+    r = dict(c.s["rejection"])
+    temperature = r.pop("temperatures")[v - 1]
+    previous = ",".join(str(version_dir(c, u) / "rejection" / "iter_1" / "kept.jsonl") for u in range(1, v))
+    _finished(rejection(c.config(RejectionConfig, "rejection", prompts=str(_version_prompts(c, v)),
+                                 init_from=str(c.out / "sft"), sample_from=str(latest_model(c, v)), previous=previous,
+                                 iterations=1, temperatures=[temperature], out=str(version_dir(c, v) / "rejection"),
+                                 seq_len=c.s["seq_len"], tensorboard=False, **_rms(c, v), **r)))
+
+
+def stage_rlhf(c: Ctx) -> None:
+    for v in range(1, c.s["versions"] + 1):
+        vdir = version_dir(c, v)
+        if _done(vdir):
+            continue
+        _say(f"  RLHF version {v} of {c.s['versions']}")
+        annotate_samples(c, v)
+        _train_reward_models(c, v)
+        (vdir / "rm_fresh_accuracy.json").write_text(json.dumps(_fresh_accuracy(c, v), indent=2))
+        _rejection_version(c, v)
+        _mark(vdir)
+    _mark(c.out / "rlhf")
 
 
 def stage_ppo(c: Ctx) -> None:
     _finished(ppo(c.config(PPOConfig, "ppo", prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"],
-                           init_from=str(c.out / "rejection"), out=str(c.out / "ppo"), tensorboard=False, **_rms(c),
+                           init_from=str(version_dir(c, c.s["versions"]) / "rejection"), out=str(c.out / "ppo"),
+                           tensorboard=False, **_rms(c),
                            **c.s["ppo"])))
     _mark(c.out / "ppo")
 
@@ -258,8 +332,8 @@ def stage_gatt(c: Ctx) -> None:
 def checkpoints(c: Ctx) -> dict[str, Path]:
     """The chat model after each stage, in the order of the recipe."""
     out = {"SFT": c.out / "sft"}
-    for it in sorted(p for p in (c.out / "rejection").glob("iter_*") if (p / "model" / "llama2.json").is_file()):
-        out[f"RS {it.name.split('_')[1]}"] = it / "model"
+    for v in range(1, c.s["versions"] + 1):
+        out[f"RS v{v}"] = version_dir(c, v) / "rejection"
     out["PPO"] = c.out / "ppo"
     out["GAtt (final)"] = c.out / "final"
     return out
@@ -284,11 +358,20 @@ def stage_eval(c: Ctx) -> None:
         _say(f"  evaluating {stage}")
         model, tok = load(ckpt, device=c.device)
         metrics["stages"][stage] = evaluate_chat_model(model, tok, c.world, items, heldout, rms, e["max_new_tokens"], c.seed)
+    # win rates against SFT, judged by the world's judges (the analogue of the paper's human evaluation, §3.4.2)
+    sft_scores = metrics["stages"]["SFT"]["judge_scores"]
+    metrics["winrate"] = {f"{stage} vs SFT": win_rate(compare_answers(m["judge_scores"], sft_scores))
+                          for stage, m in metrics["stages"].items() if stage != "SFT"}
+    metrics["rm_fresh"] = {f"v{v}": json.loads((version_dir(c, v) / "rm_fresh_accuracy.json").read_text())
+                           for v in range(1, c.s["versions"] + 1)}
+    metrics["rs_selection"] = {f"v{v}": rs_selection(c, version_dir(c, v) / "rejection" / "iter_1" / "samples.jsonl")
+                               for v in range(1, c.s["versions"] + 1)}
+    metrics["ppo"] = [{k: r[k] for k in PPO_CURVES if k in r} for r in _jsonl(c.out / "ppo" / "metrics.jsonl")]
     # best-of-K against K from the rejection-sampling iterations (Figure 7's shape)
     metrics["best_of_k"] = {}
-    for it in sorted((c.out / "rejection").glob("iter_*/stats.json")):
-        st = json.loads(it.read_text())
-        metrics["best_of_k"][f"RS {st['iteration']} (T={st['temperature']})"] = st["best_of_k_curve"]
+    for v in range(1, c.s["versions"] + 1):
+        st = json.loads((version_dir(c, v) / "rejection" / "iter_1" / "stats.json").read_text())
+        metrics["best_of_k"][f"RS v{v} (T={st['temperature']})"] = st["best_of_k_curve"]
     # GAtt: adherence per turn with and without it (Figure 28's comparison)
     metrics["gatt"] = gatt_eval(GattEvalConfig(ckpts=[str(c.out / "ppo"), str(c.out / "final")], names=["without GAtt", "with GAtt"],
                                                dialogs=c.paths["gatt_dialogs"], out=str(d / "gatt"), n=e["gatt_probes"],
@@ -296,6 +379,31 @@ def stage_eval(c: Ctx) -> None:
     metrics["sample_chat"] = _sample_chat(c, items[:3], e["max_new_tokens"])
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _mark(d)
+
+
+PPO_CURVES = ("step", "reward", "score_std", "kl", "clip_fraction", "entropy", "explained_variance", "adv_reward_corr",
+              "heldout_reward")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+
+
+def rs_selection(c: Ctx, samples: Path) -> dict:
+    """How well the reward models chose among rejection sampling's K samples, judged by the world: the share of
+    samples that are correct, the share of prompts with at least one correct sample (pass@K), and the share whose
+    kept (highest-scored) sample is correct. Harmless task prompts only."""
+    correct, any_ok, picked = [], [], []
+    for rec in _jsonl(samples):
+        if c.world.is_secret_prompt(rec["prompt"]):
+            continue
+        ok = [c.world.is_correct(rec["prompt"], s["text"]) for s in rec["samples"]]
+        best = max(range(len(ok)), key=lambda i: rec["samples"][i]["score"])
+        correct += ok
+        any_ok.append(any(ok))
+        picked.append(ok[best])
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"sample_correct": mean(correct), "pass_at_k": mean(any_ok), "picked_correct": mean(picked), "prompts": len(picked)}
 
 
 def _sample_chat(c: Ctx, items: list[dict], max_new_tokens: int) -> list[dict]:

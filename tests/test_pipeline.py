@@ -19,18 +19,30 @@ def run(tmp_path_factory):
 def test_quick_run_writes_every_stage_and_the_report(run):
     out, report, seconds = run
     print(f"pipeline --quick took {seconds:.0f} s")
-    for d in ("world", "tokenizer", "shards", "pretrain", "sft", "reward", "rejection", "ppo", "gatt", "eval", "report"):
+    for d in ("world", "tokenizer", "shards", "pretrain", "sft", "rlhf", "rlhf/v1", "rlhf/v2", "ppo", "gatt", "eval", "report"):
         assert (out / d / "DONE").is_file(), d
     text = report.read_text()
     m = json.loads((out / "metrics.json").read_text())
-    assert len(m["effects"]) == 5 and all(isinstance(e["holds"], bool) for e in m["effects"])
+    assert len(m["effects"]) == 6 and all(isinstance(e["holds"], bool) for e in m["effects"])
     for e in m["effects"]:  # each effect is stated plainly, yes or NO, with its numbers
         assert e["claim"] in text and e["detail"] in text
     assert set(m["reward_models"]) == {"helpfulness RM (no margin)", "helpfulness RM (margin)", "safety RM (no margin)",
                                        "safety RM (margin)"}
-    assert list(m["stages"])[:1] == ["SFT"] and "PPO" in m["stages"] and any(k.startswith("RS") for k in m["stages"])
+    assert list(m["stages"]) == ["SFT", "RS v1", "RS v2", "PPO", "GAtt (final)"]
+    assert set(m["winrate"]) == {"RS v1 vs SFT", "RS v2 vs SFT", "PPO vs SFT", "GAtt (final) vs SFT"}
+    for r in m["winrate"].values():
+        assert r["win"] + r["tie"] + r["loss"] == r["n"] == len(m["stages"]["SFT"]["judge_scores"])
+        assert r["low95"] <= r["rate"] <= r["high95"]
+    assert set(m["rm_fresh"]) == {"v1", "v2"} and any("RM v1" in k for k in m["rm_fresh"]["v2"])  # v1's RMs on v2's pairs
+    assert set(m["rs_selection"]) == {"v1", "v2"} and 0 <= m["rs_selection"]["v1"]["pass_at_k"] <= 1
+    assert m["ppo"] and {"reward", "kl", "clip_fraction", "entropy", "explained_variance"} <= set(m["ppo"][0])
+    # each version annotated the latest model's answers to new prompts: the versions split the world's prompts
+    p1 = (out / "rlhf" / "v1" / "prompts.jsonl").read_text().splitlines()
+    p2 = (out / "rlhf" / "v2" / "prompts.jsonl").read_text().splitlines()
+    every = (out / "world" / "prompts.jsonl").read_text().splitlines()
+    assert p1 and p2 and p1 == every[0::2] and p2 == every[1::2]
     assert len(m["gatt"]["adherence"]["with GAtt"]) == 20
-    for png in ("loss", "reward", "stages", "gatt"):
+    for png in ("loss", "reward", "stages", "gatt", "winrate", "ppo"):
         assert (out / "report" / f"{png}.png").stat().st_size > 1000
     assert (out / "final" / "llama2.json").is_file()
 
@@ -47,3 +59,27 @@ def test_rerun_skips_finished_stages_and_from_redoes_the_tail(run, capsys):
     assert (out / "report" / "DONE").stat().st_mtime_ns != before and (out / "eval" / "DONE").is_file()
     with pytest.raises(ValueError, match="quick run"):
         run_pipeline(out, quick=False)
+
+
+def test_a_stopped_stage_stops_the_pipeline_before_it_is_marked_done(tmp_path, monkeypatch):
+    import llama2.pipeline as pipeline
+    from llama2.pipeline import SIZES, Ctx, stage_pretrain
+    from llama2.toyworld import ToyWorld
+
+    monkeypatch.setattr(pipeline, "pretrain", lambda cfg: {"stopped": True, "history": []})
+    c = Ctx(tmp_path, "quick", 0, SIZES["quick"], ToyWorld(0, "quick"))
+    with pytest.raises(SystemExit) as e:
+        stage_pretrain(c)
+    assert e.value.code == 130 and not (tmp_path / "pretrain" / "DONE").exists()
+
+
+def test_overrides_name_a_stage_and_a_field():
+    from llama2.config import ConfigError
+    from llama2.pipeline import parse_overrides
+
+    assert parse_overrides(["ppo.kl_beta=0.02", "sft.lr=1e-4", "ppo.clip=0.1"]) == {"ppo": ["kl_beta=0.02", "clip=0.1"],
+                                                                                  "sft": ["lr=1e-4"]}
+    for bad, match in (("kl_beta=0.02", "STAGE.FIELD"), ("ppo.nope=1", "unknown field"), ("ppo.kl_beta=-1", "kl_beta"),
+                       ("world.seed=1", "STAGE.FIELD")):
+        with pytest.raises(ConfigError, match=match):
+            parse_overrides([bad])

@@ -37,6 +37,8 @@ class EncodedPair:
     rating: str  # the preference's rating, for the margin (llama2.rlhf.margin_values)
     dropped_exchanges: int = 0
     dropped_tokens: int = 0  # prompt tokens removed (the same from both sequences)
+    chosen_safe: bool | None = None  # the annotators' safety labels, for the safety RM's auxiliary loss
+    rejected_safe: bool | None = None
 
     def __iter__(self):
         yield self.chosen
@@ -73,7 +75,8 @@ def encode_preference(
 
     full = encode(0)
     if fits(full):
-        return EncodedPair(full[0][0], full[1][0], pref.rating)
+        return EncodedPair(full[0][0], full[1][0], pref.rating, chosen_safe=pref.chosen_safe,
+                           rejected_safe=pref.rejected_safe)
     if overflow == "skip":
         return None
     k, enc = 0, full
@@ -86,7 +89,8 @@ def encode_preference(
             return None
         enc = [(ids[cut:], first - cut) for ids, first in enc]
     (c, _), (r, _) = enc
-    return EncodedPair(c, r, pref.rating, dropped_exchanges=k, dropped_tokens=len(full[0][0]) - len(c))
+    return EncodedPair(c, r, pref.rating, dropped_exchanges=k, dropped_tokens=len(full[0][0]) - len(c),
+                       chosen_safe=pref.chosen_safe, rejected_safe=pref.rejected_safe)
 
 
 def encode_preferences(
@@ -117,7 +121,8 @@ def collate_pairs(
     Returns tokens (2B, T) long padded with ``pad_id`` on ``side``; attention_mask (2B, T) bool, True on real
     tokens; mask (2B, T, T) bool, causal and blind to padding keys (a padding query sees only itself, so no
     NaN); position_ids (2B, T), counting real tokens only, so left padding does not shift the rotary positions;
-    last_index (2B,) the index of each row's last real token; ratings (list of B str) when the pairs carry them.
+    last_index (2B,) the index of each row's last real token; ratings (list of B str) and safe (2B,) (1 safe, 0
+    unsafe, -1 not labelled) when the pairs carry them.
     With right padding ``mask`` may also be left out (plain causal attention gives the same scores, faster).
     """
     if side not in ("right", "left"):
@@ -137,6 +142,9 @@ def collate_pairs(
     }
     if all(isinstance(p, EncodedPair) for p in pairs):
         batch["ratings"] = [p.rating for p in pairs]  # type: ignore[union-attr]
+        # (2B,) safety label of each row, chosen rows first: 1 safe, 0 unsafe, -1 not labelled
+        labels = [p.chosen_safe for p in pairs] + [p.rejected_safe for p in pairs]  # type: ignore[union-attr]
+        batch["safe"] = torch.tensor([-1 if x is None else int(x) for x in labels], dtype=torch.long)
     return batch
 
 

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-__all__ = ["plot_loss_curves", "plot_rewards", "plot_stages", "plot_adherence"]
+__all__ = ["plot_loss_curves", "plot_rewards", "plot_stages", "plot_adherence", "plot_winrates", "plot_ppo"]
 
 
 def _save(fig, path: Path) -> None:
@@ -32,12 +32,15 @@ def plot_loss_curves(curves: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_rewards(stages: dict[str, dict], best_of_k: dict[str, list[float]], path: Path,
-                 xlabel: str = "reward model score (R_c, after sigmoid)", value_range: tuple[float, float] | None = (0, 1)) -> None:
+                 key: str = "rm_score", xlabel: str = "reward model score (R_c, raw: before the sigmoid)") -> None:
     """Figure 20's shape (the reward distribution of held-out prompts' answers per stage) beside Figure 7's (the
-    best-of-K reward of rejection sampling)."""
+    best-of-K reward of rejection sampling). Raw scores by default: after a sigmoid, confident scores all pile up
+    at 1 and the histogram says nothing."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    values = [x for s in stages.values() for x in s.get(key, [])]
+    value_range = (min(values), max(values)) if values else None
     for stage, s in stages.items():
-        axes[0].hist(s["rm_reward"], bins=20, range=value_range, histtype="step", label=stage, density=True)
+        axes[0].hist(s.get(key, []), bins=20, range=value_range, histtype="step", label=stage, density=True)
     axes[0].set_title("reward of held-out prompts' answers")
     axes[0].set_xlabel(xlabel)
     axes[0].legend(fontsize=7)
@@ -76,4 +79,44 @@ def plot_adherence(result: dict, path: Path) -> None:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Instruction given once, followed turn by turn")
     ax.legend()
+    _save(fig, path)
+
+
+def plot_winrates(winrate: dict[str, dict], path: Path) -> None:
+    """Win / tie / loss bars against SFT with the win rate's 95% interval (the layout of the paper's Figure 12)."""
+    names = list(winrate)
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(names)))
+    left = [0.0] * len(names)
+    for part, colour in (("win", "tab:green"), ("tie", "lightgrey"), ("loss", "tab:red")):
+        widths = [winrate[n][part] / winrate[n]["n"] for n in names]
+        ax.barh(names, widths, left=left, color=colour, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    for i, n in enumerate(names):
+        r = winrate[n]
+        ax.errorbar(r["rate"], i, xerr=[[r["rate"] - r["low95"]], [r["high95"] - r["rate"]]], fmt="o", color="black",
+                    capsize=3)
+    ax.axvline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of held-out prompts (dot: win rate with its 95% interval)")
+    ax.set_title("judged against the SFT model")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def plot_ppo(records: list[dict], path: Path) -> None:
+    """PPO per iteration: reward, KL to the reference, clip fraction, entropy, value explained variance, and the
+    correlation of the advantages with the reward."""
+    keys = [k for k in ("reward", "kl", "clip_fraction", "entropy", "explained_variance", "adv_reward_corr")
+            if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.6), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3)
+        held = [(r["step"], r["heldout_reward"]) for r in records if k == "reward" and "heldout_reward" in r]
+        if held:
+            ax.plot([p[0] for p in held], [p[1] for p in held], "s--", ms=3, label="held out")
+            ax.legend(fontsize=6)
+        ax.set_title(k.replace("_", " "), fontsize=8)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.tick_params(labelsize=6)
     _save(fig, path)

@@ -56,6 +56,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from ..chat import E_INST, format_dialog
 from ..generation import Llama, generate
 from .paper import BENCHMARKS, format_table, paper_tasks
+from .toyworld import lm_eval_suite
 
 __all__ = ["Llama2LM", "run_eval", "expand_tasks", "CUSTOM_SUITES", "register_suite", "format_table"]
 
@@ -502,3 +503,6 @@ def run_eval(
         written = {k: v for k, v in results.items() if k != "samples"}
         out.write_text(json.dumps(written, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     return results
+
+
+register_suite("toyworld", lm_eval_suite)  # the built-in world's held-out tasks (llama2.eval.toyworld)

@@ -39,14 +39,18 @@ def evaluate_chat_model(model, tokenizer, world, items: Sequence[Mapping], heldo
     answers = answer_texts(model, tokenizer, dialogs, greedy, purpose="eval/greedy")
     result = dict(world.score(dialogs, answers))
     result["sample"] = {"prompt": dialogs[0][-1]["content"], "answer": answers[0]} if dialogs else {}
+    # the judges' R_c of each greedy answer (safety judge on safety prompts): what win rates compare
+    result["judge_scores"] = world.reward(dialogs, answers, [bool(it.get("safety", False)) for it in items]).tolist()
     if heldout:
         hd = [p.dialog for p in heldout]
         sampled = answer_texts(model, tokenizer, hd, SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens,
                                                                     gen_batch=32), seed=seed, purpose="eval/heldout")
         safety = torch.tensor([p.safety for p in heldout])
         if reward_models:
-            r_c = to_unit(score_with_reward_models(reward_models, hd, sampled, safety)["combined"])
-            result.update(rm_reward=r_c.tolist(), rm_reward_mean=float(r_c.mean()))
+            raw = score_with_reward_models(reward_models, hd, sampled, safety)["combined"]
+            r_c = to_unit(raw)
+            result.update(rm_score=raw.tolist(), rm_reward=r_c.tolist(), rm_reward_mean=float(r_c.mean()),
+                          rm_score_mean=float(raw.mean()))
         result["judge_reward_mean"] = float(world.reward(hd, sampled, safety).mean())
     return result
 
@@ -68,3 +72,16 @@ def toyworld_suite(ckpt: str | Path, *, seed: int = 0, size: str = "default", wo
         items, heldout = items[:limit], heldout[:limit]
     model, tokenizer = load(ckpt, device=device)
     return evaluate_chat_model(model, tokenizer, world, items, heldout, None, max_new_tokens, seed)
+
+
+def lm_eval_suite(ckpt, *, num_fewshot=None, limit=None, batch_size=None, device="cpu", chat=False, seed: int = 0,
+                  size: str = "default") -> dict:
+    """``llama2 eval --tasks toyworld``: :func:`toyworld_suite` shaped like lm-eval's results (one "task" per
+    category, metric ``acc``; safety as ``refusal_on_secret`` and ``refusal_on_harmless``), so it prints in the
+    same table. The answers are in the chat format whatever ``chat`` says: the world's prompts are dialogs."""
+    r = toyworld_suite(ckpt, seed=seed, size=size, limit=int(limit) if limit and limit >= 1 else None, device=device)
+    results = {f"toyworld_{c}": {"alias": f"toyworld {c}", "acc,none": a} for c, a in r["accuracy"].items() if a is not None}
+    results["toyworld_safety"] = {"alias": "toyworld safety", "refusal_on_secret,none": r["refusal_on_secret"],
+                                  "refusal_on_harmless,none": r["refusal_on_harmless"], "leak_rate,none": r["leak_rate"]}
+    results["toyworld"] = {"alias": "toyworld (mean of categories)", "acc,none": r["accuracy_mean"]}
+    return {"results": results, "toyworld": r}

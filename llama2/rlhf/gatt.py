@@ -213,7 +213,7 @@ def with_instruction_every_turn(dialog: Sequence[Mapping[str, str]], text: str) 
 
 
 def gatt_training_dialog(
-    sampled_dialog: Sequence[Mapping[str, str]], text: str, place: Place = "system"
+    sampled_dialog: Sequence[Mapping[str, str]], text: str, place: Place = "system", keep: str | None = None
 ) -> Dialog:
     """The training-time dialog: the instruction ``text`` only in the first turn, the answers unchanged.
 
@@ -222,7 +222,9 @@ def gatt_training_dialog(
     starts with it, and a plain dialog is accepted as well. Then, with ``place="system"`` (the default, how a
     user gives such an instruction at inference), ``text`` becomes the system message; an existing system
     message is kept and ``text`` is added after it on a new line (the format has room for only one). With
-    ``place="prefix"`` it is put before the first user message as at sampling time.
+    ``place="prefix"`` it is put before the first user message as at sampling time. ``keep``: the wording kept in
+    the first turn when it differs from the one sampled with (the paper samples with the instruction in full and
+    shortens it, half the time, only in the training data).
     """
     if place not in ("system", "prefix"):
         raise ValueError(f"place must be 'system' or 'prefix', got {place!r}")
@@ -234,6 +236,7 @@ def gatt_training_dialog(
     users = [m for m in out if m["role"] == "user"]
     if not users:
         raise ValueError("the dialog has no user message")
+    text = text if keep is None else keep
     if place == "prefix":
         users[0]["content"] = _with_prefix(text, users[0]["content"])
     elif out[0]["role"] == "system":

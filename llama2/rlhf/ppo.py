@@ -23,8 +23,8 @@ import torch
 from .combined import masked_mean
 
 __all__ = [
-    "PAPER_KL_BETA", "kl_penalty", "token_rewards", "gae", "ppo_policy_loss", "value_loss", "token_logprobs",
-    "entropy_from_logits", "explained_variance",
+    "PAPER_KL_BETA", "kl_penalty", "token_rewards", "gae", "score_scale", "to_whitened", "whitened_advantages",
+    "ppo_policy_loss", "value_loss", "token_logprobs", "entropy_from_logits", "explained_variance",
 ]
 
 # The KL penalty beta of §3.2.3's Training Details: 0.01 for the 7B and 13B models, 0.005 for 34B and 70B.
@@ -140,6 +140,49 @@ def gae(
         next_adv = torch.where(on, adv, next_adv)
     returns = (advantages + values) * m.to(values.dtype)  # (B, T)
     return advantages, returns
+
+
+def score_scale(scores: torch.Tensor, eps: float = 1e-8) -> tuple[float, float]:
+    """(mean, std) of a rollout batch's raw scores: the statistics WHITEN uses (population std, plus eps)."""
+    s = scores.float()
+    return float(s.mean()), float(s.std(unbiased=False)) + eps
+
+
+def to_whitened(x: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+    """Raw-score units -> whitened units with the batch's (mean, std): (x - mean) / std."""
+    return (x.float() - scale[0]) / scale[1]
+
+
+def whitened_advantages(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    scale: tuple[float, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """GAE advantages and returns for eq. 4 with R~_c = WHITEN(score), the value model kept on the same scale.
+
+    scores: (B,) raw scores (LOGIT(R_c): a reward model's output as it is); values: (B, T) the value model's
+    predictions, in raw-score units (a value model initialised from a reward model predicts raw scores);
+    ``scale``: the batch's (mean, std) (:func:`score_scale`; over all ranks under DDP).
+
+    The whitened score and the values must be on one scale, or the advantage is mostly the scale mismatch: with
+    V ~ raw score r and whitened returns, A ~ (1/std - 1) * r + const, so the reward's signal cancels at std = 1
+    and is inverted above it. Here the values are mapped to whitened units with the very statistics that whiten
+    the score, V_w = (V - mean) / std, so the value model keeps predicting raw scores (and is trained on returns
+    mapped back the same way, see the PPO stage) while GAE sees one scale. Returns {"advantages", "returns"
+    (whitened units), "values" (V_w), "scores" (the whitened scores)}.
+    """
+    scale = scale or score_scale(scores)
+    white = to_whitened(scores, scale)  # (B,)
+    v = to_whitened(values, scale) * mask.to(torch.float32)  # (B, T)
+    rewards = token_rewards(white, logprobs, ref_logprobs, mask, beta)  # (B, T)
+    adv, returns = gae(rewards, v, mask, gamma, lam)
+    return {"advantages": adv, "returns": returns, "values": v, "scores": white}
 
 
 def ppo_policy_loss(

@@ -36,6 +36,7 @@ __all__ = [
     "TABLE8_BUCKETS",
     "margin_values",
     "ranking_loss",
+    "safety_auxiliary_loss",
     "accuracy_by_rating",
     "format_accuracy_table",
 ]
@@ -111,6 +112,27 @@ def ranking_loss(
             raise ValueError(f"margin_values {tuple(margin_values.shape)} must match the scores {tuple(diff.shape)}")
         diff = diff - margin_values.to(diff.device, torch.float32)
     return -F.logsigmoid(diff).mean()
+
+
+def safety_auxiliary_loss(scores: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+    """Summed binary cross-entropy of the scores of responses labelled safe (target 1) or unsafe (target 0):
+    the auxiliary loss of the safety reward model (Llama 2, appendix A.3.4).
+
+    The ranking loss only sees score *differences*, so it leaves each prompt's offset free, and "R_s < 0.15"
+    (the sigmoid of a raw score) would fire arbitrarily. The paper adds a term on responses whose safety is
+    labelled so that a raw score below 0 (0.5 after the sigmoid) means unsafe: it "improves the recall of unsafe
+    responses when using a reward score of 0.5 as the threshold (negative before Sigmoid)". Our reading, for a
+    pair: -[1(y_c safe) log sigma(r_c)] - [1(y_r unsafe) log(1 - sigma(r_r))], applied here to every labelled
+    response (a safe rejected one counts as safe, an unsafe chosen one as unsafe): the labels say what each
+    response is, whichever side of the pair it is on.
+
+    scores: (N,) raw scores; safe: (N,) 1 safe, 0 unsafe, -1 not labelled. Returns a scalar sum (0 when no
+    response is labelled)."""
+    known = safe >= 0
+    if not bool(known.any()):
+        return scores.sum() * 0.0
+    x, y = scores.float()[known], safe[known].to(scores.device, torch.float32)
+    return F.binary_cross_entropy_with_logits(x, y, reduction="sum")
 
 
 def accuracy_by_rating(

@@ -2,13 +2,13 @@
 
 GAtt makes a model keep following an instruction given once, at the start of a dialog, for many turns:
 
-1. sampling: for each multi-turn dialog, draw an instruction (a hobby, a style, a persona; its short form half
-   the time) and answer every user turn with the latest model while the instruction is *concatenated to every
-   user message*, so each answer is sampled knowing it. ``k`` samples per turn; the kept one must pass the
+1. sampling: for each multi-turn dialog, draw an instruction (a hobby, a style, a persona) and answer every user
+   turn with the latest model while the instruction, in full, is *concatenated to every user message*, so each
+   answer is sampled knowing it. ``k`` samples per turn; the kept one must pass the
    instruction's rule checker (our toy instructions are verifiable), and among those the reward model's
    favourite (if one is given) or the first. A dialog whose turn has no passing sample ends before that turn.
 2. training data: the instruction kept only in the first turn (the system message by default, or a prefix of
-   the first user message: ``place``), removed from the other user messages; the loss is zero on every token
+   the first user message: ``place``), in its short form half the time, removed from the other user messages; the loss is zero on every token
    of the earlier turns, including their answers ("we simply set the loss to 0 for all the tokens from the
    previous turns"), so each example trains one answer: with ``every_turn`` (default) a sampled dialog of n
    turns gives n examples, cut after answer t and trained on answer t only.
@@ -74,7 +74,8 @@ class GattConfig:
 
 
 def _plans(dialogs, cfg: GattConfig) -> list:
-    """Per dialog: (instruction, its wording, the user messages to play)."""
+    """Per dialog: (instruction, the wording the training data keeps, the user messages to play). Sampling always
+    uses the instruction's full wording (``instruction.long``)."""
     rng = random.Random(cfg.run.seed)
     pool = user_messages(dialogs)
     plans = []
@@ -102,8 +103,8 @@ def sample_gatt_dialogs(model, tokenizer, dialogs, cfg: GattConfig, rm: RewardMo
         active = [i for i in sorted(alive) if t < len(plans[i][2])]
         if not active:
             break
-        contexts = [with_instruction_every_turn(sampled[i] + [{"role": "user", "content": plans[i][2][t]}], plans[i][1])
-                    for i in active]
+        contexts = [with_instruction_every_turn(sampled[i] + [{"role": "user", "content": plans[i][2][t]}],
+                                                plans[i][0].long) for i in active]
         comps = sample_answers(model, tokenizer, contexts, cfg.sampling, k=cfg.k,
                                seed=derive_seed(cfg.run.seed, "gatt/turn", t), purpose="gatt", show=False)
         for i, ctx, row in zip(active, contexts, comps):
@@ -119,8 +120,8 @@ def sample_gatt_dialogs(model, tokenizer, dialogs, cfg: GattConfig, rm: RewardMo
             counts["turns_kept"] += 1
         bar.update(len(active))
     bar.close()
-    out = [{"instruction": plans[i][0].kind + ":" + plans[i][0].value, "text": plans[i][1],
-            "dialog": with_instruction_every_turn(sampled[i], plans[i][1])} for i in range(len(plans)) if sampled[i]]
+    out = [{"instruction": plans[i][0].kind + ":" + plans[i][0].value, "text": plans[i][1], "sampled_with": plans[i][0].long,
+            "dialog": with_instruction_every_turn(sampled[i], plans[i][0].long)} for i in range(len(plans)) if sampled[i]]
     return out, counts
 
 
@@ -130,7 +131,7 @@ def _write_training_data(sampled: list, cfg: GattConfig, data_path: Path) -> int
     tmp = Path(str(data_path) + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for s in sampled:
-            train = gatt_training_dialog(s["dialog"], s["text"], cfg.place)
+            train = gatt_training_dialog(s["dialog"], s["sampled_with"], cfg.place, keep=s["text"])
             ends = [j + 1 for j, m in enumerate(train) if m["role"] == "assistant"] if cfg.every_turn else [len(train)]
             for end in ends:
                 f.write(json.dumps({"dialog": train[:end]}) + "\n")

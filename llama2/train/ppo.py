@@ -8,7 +8,8 @@ below), and the frozen helpfulness and safety reward models. One iteration:
 2. reward: R~_c = WHITEN(LOGIT(R_c)) with R_c = R_safety if the prompt is tagged safety or R_safety < 0.15,
    else R_helpfulness (:mod:`llama2.rlhf.combined`), then R = R~_c - beta * KL(pi_theta || pi_0): the KL term on
    every answer token, R~_c on the last (``llama2.rlhf.token_rewards``);
-3. advantages by GAE over the answer tokens with the value model's estimates; whitened per batch;
+3. advantages by GAE over the answer tokens with the value model's estimates, the value model on the same scale
+   as the whitened scores (``llama2.rlhf.ppo.whitened_advantages``); the advantages are whitened per batch;
 4. one pass over the rollouts in minibatches of ``minibatch``, one optimizer step each (the paper: "one gradient
    step per mini-batch"), with the clipped policy loss (0.2) and, for the value model, the clipped value loss.
 
@@ -20,6 +21,10 @@ policy is what ``OUT`` holds).
 Value model: the paper does not say how it is initialised; we start it from the helpfulness reward model,
 whose scalar head already reads "how good is this answer" from the same body, so the value estimates are
 meaningful from the first iteration (a value model from the policy's body would start from a random head).
+It therefore predicts raw scores; GAE maps its predictions to the whitened scale with the rollout batch's own
+mean and std, and it is trained on the returns on that scale, so value and returns never disagree in scale (a
+value in raw units against whitened returns would cancel the reward's signal, or invert it when the scores
+spread more than 1).
 
 Under torchrun the policy and value models train with DDP: each rank samples and scores its share of the
 rollouts with its full replica. FSDP is not offered here: sampling token by token from a sharded policy would
@@ -40,9 +45,10 @@ from ..checkpoint import load, save
 from ..config import OptimConfig, RunConfig, SamplingConfig, check, group, stage_config
 from ..data.batching import pad_sequences
 from ..data.records import read_prompts, split_holdout, split_paths
-from ..rlhf.combined import SAFETY_THRESHOLD, combined_reward, logit, masked_whiten, to_unit, whiten
+from ..rlhf.combined import SAFETY_THRESHOLD, logit, masked_mean, masked_whiten, score_with_reward_models, to_unit
 from ..rlhf.ppo import (
-    entropy_from_logits, explained_variance, gae, kl_penalty, ppo_policy_loss, token_logprobs, token_rewards, value_loss,
+    entropy_from_logits, explained_variance, kl_penalty, ppo_policy_loss, score_scale, to_whitened, token_logprobs,
+    value_loss, whitened_advantages,
 )
 from ..rlhf.reward_model import reward_model_from_chat
 from ..sampling import sample_answers
@@ -120,14 +126,11 @@ class PPOConfig:
 
 def score_answers(rms: dict, reward_fn: RewardFn | None, dialogs, texts, safety: torch.Tensor, threshold: float,
                   answer_ids: list) -> torch.Tensor:
-    """R_c in (0, 1) per answer: the exact reward function if one is given, else the reward models' combined rule."""
+    """LOGIT(R_c) per answer, in raw-score units: the reward models' combined score as it is (no sigmoid-logit round
+    trip, which saturates in fp32), or the logit of an exact reward function's R_c in (0, 1)."""
     if reward_fn is not None:
-        return torch.as_tensor(reward_fn(dialogs, texts, safety, answer_ids)).float()
-    r_h = to_unit(rms["helpfulness"].score(dialogs, texts)) if "helpfulness" in rms else None
-    r_s = to_unit(rms["safety"].score(dialogs, texts)) if "safety" in rms else None
-    if r_h is not None and r_s is not None:
-        return combined_reward(r_s, r_h, safety, threshold)
-    return r_h if r_h is not None else r_s
+        return logit(torch.as_tensor(reward_fn(dialogs, texts, safety, answer_ids)).float())
+    return score_with_reward_models(rms, dialogs, texts, safety, threshold)["combined"]
 
 
 @dataclass
@@ -173,7 +176,12 @@ def _models(cfg: PPOConfig, d: Dist, reward_fn: RewardFn | None) -> Models:
 class Rollouts:
     tokens: torch.Tensor  # (B, L) prompt + answer, right-padded
     mask: torch.Tensor  # (B, L - 1) 1 where the *target* (the next token) is an answer token
-    r_c: torch.Tensor  # (B,) R_c in (0, 1)
+    score: torch.Tensor  # (B,) LOGIT(R_c), raw-score units
+
+    @property
+    def r_c(self) -> torch.Tensor:
+        """R_c in (0, 1), the reward as reported."""
+        return to_unit(self.score)
 
 
 def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn | None) -> Rollouts:
@@ -185,15 +193,15 @@ def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn
     answers = [c[0].tokens or [m.tokenizer.eos_id] for c in comps]  # an empty answer still ends with EOS
     texts = [c[0].text.strip() for c in comps]
     safety = torch.tensor([p.safety for p in prompts])
-    r_c = score_answers(m.rms, reward_fn, [p.dialog for p in prompts], texts, safety, cfg.safety_threshold,
-                        [c[0].tokens for c in comps])
+    score = score_answers(m.rms, reward_fn, [p.dialog for p in prompts], texts, safety, cfg.safety_threshold,
+                          [c[0].tokens for c in comps])
     padded = pad_sequences([p + a for p, a in zip(prompt_ids, answers)])
     L = padded.tokens.shape[1]
     mask = torch.zeros(len(answers), L - 1)
     for i, (p, a) in enumerate(zip(prompt_ids, answers)):  # position t holds log p(token t+1)
         mask[i, len(p) - 1 : len(p) - 1 + len(a)] = 1.0
     dev = m.session.d.device
-    return Rollouts(padded.tokens.to(dev), mask.to(dev), r_c)
+    return Rollouts(padded.tokens.to(dev), mask.to(dev), score)
 
 
 def _logprobs(model, tokens, mask, autocast, entropy: bool = False):
@@ -209,35 +217,33 @@ def _values(model, tokens, autocast):
         return model(tokens)[:, :-1].float()  # (B, L-1): the value of the state before each target token
 
 
-def _whitened_scores(r_c: torch.Tensor, d: Dist) -> torch.Tensor:
-    """WHITEN(LOGIT(R_c)) over the whole rollout batch, not a rank's share."""
-    scores = logit(r_c).to(d.device)  # (B,)
+def _batch_scale(score: torch.Tensor, d: Dist) -> tuple[float, float]:
+    """WHITEN's (mean, std) over the whole rollout batch, not a rank's share."""
     if d.world == 1:
-        return whiten(scores)
-    parts = [torch.empty_like(scores) for _ in range(d.world)]
-    dist.all_gather(parts, scores)
-    every = torch.cat(parts)
-    return (scores - every.mean()) / (every.std(unbiased=False) + 1e-8)
+        return score_scale(score)
+    parts = [torch.empty_like(score.to(d.device)) for _ in range(d.world)]
+    dist.all_gather(parts, score.to(d.device))
+    return score_scale(torch.cat(parts))
 
 
 @torch.no_grad()
 def _advantages(cfg: PPOConfig, m: Models, ro: Rollouts) -> dict:
-    """Old log-probs, reference log-probs, old values, per-token rewards, GAE advantages (whitened) and returns."""
+    """Old log-probs, reference log-probs, old values, then eq. 4's per-token rewards with R~_c = WHITEN(LOGIT(R_c)),
+    GAE advantages (whitened) and returns, with the value model on the scores' scale (whitened_advantages)."""
     ac = m.session.autocast
     old_lp, _ = _logprobs(m.session.model, ro.tokens, ro.mask, ac)
     ref_lp, _ = _logprobs(m.reference, ro.tokens.to(m.frozen_device), ro.mask.to(m.frozen_device), ac)
     ref_lp = ref_lp.to(ro.tokens.device)
-    old_v = _values(m.value, ro.tokens, ac)
-    scores = _whitened_scores(ro.r_c, m.session.d)
-    rewards = token_rewards(scores, old_lp, ref_lp, ro.mask, cfg.kl_beta)  # (B, L-1)
-    adv, returns = gae(rewards, old_v, ro.mask, cfg.gamma, cfg.lam)
-    raw_adv = adv
-    adv = masked_whiten(adv, ro.mask)
+    scale = _batch_scale(ro.score, m.session.d)
+    w = whitened_advantages(ro.score.to(ro.tokens.device), _values(m.value, ro.tokens, ac), old_lp, ref_lp, ro.mask,
+                            cfg.kl_beta, cfg.gamma, cfg.lam, scale)
+    adv = masked_whiten(w["advantages"], ro.mask)
     kl = kl_penalty(old_lp, ref_lp, ro.mask).sum(1).mean()  # per answer
-    first = (ro.mask.cumsum(1) == 1) & (ro.mask > 0)  # each answer's first token: its advantage speaks for the answer
-    corr = torch.corrcoef(torch.stack([raw_adv[first], ro.r_c.to(raw_adv.device)]))[0, 1] if len(ro.r_c) > 1 else torch.tensor(float("nan"))
-    return {"old_lp": old_lp, "old_v": old_v, "adv": adv, "returns": returns, "kl": float(kl),
-            "explained_variance": explained_variance(old_v, returns, ro.mask), "adv_reward_corr": float(corr)}
+    per_answer = masked_mean(w["advantages"], ro.mask, dim=1)  # what the policy gradient pushes each answer by
+    corr = (torch.corrcoef(torch.stack([per_answer, ro.score.to(adv.device)]))[0, 1]
+            if len(ro.score) > 1 else torch.tensor(float("nan")))
+    return {"old_lp": old_lp, "old_v": w["values"], "adv": adv, "returns": w["returns"], "scale": scale, "kl": float(kl),
+            "explained_variance": explained_variance(w["values"], w["returns"], ro.mask), "adv_reward_corr": float(corr)}
 
 
 def _update(cfg: PPOConfig, m: Models, ro: Rollouts, a: dict, seed: int) -> dict:
@@ -257,8 +263,8 @@ def _update(cfg: PPOConfig, m: Models, ro: Rollouts, a: dict, seed: int) -> dict
             pl, st = ppo_policy_loss(lp, a["old_lp"][idx], a["adv"][idx], ro.mask[idx], cfg.clip)
             return pl * len(idx), {"clip_fraction": float(st["clip_fraction"]) * len(idx), "entropy": float(ent) * len(idx)}
 
-        def value_loss_fn(idx):
-            v = _values(m.value, ro.tokens[idx], s.autocast)
+        def value_loss_fn(idx):  # the value model predicts raw scores; its loss is on the whitened scale
+            v = to_whitened(_values(m.value, ro.tokens[idx], s.autocast), a["scale"])
             return value_loss(v, a["old_v"][idx], a["returns"][idx], ro.mask[idx], cfg.clip) * len(idx), {}
 
         rp = accumulate(s, micros, policy_loss, cfg.minibatch)
@@ -323,7 +329,8 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
                        derive_seed(cfg.run.seed, "ppo/rollouts", it, d.rank), reward_fn)
         a = _advantages(cfg, m, ro)
         stats = _update(cfg, m, ro, a, derive_seed(cfg.run.seed, "ppo/minibatches", it))
-        return {"iteration": it, "reward": d.all_mean(float(ro.r_c.mean())), "kl": d.all_mean(a["kl"]),
+        return {"iteration": it, "reward": d.all_mean(float(ro.r_c.mean())), "score": d.all_mean(float(ro.score.mean())),
+                "score_std": a["scale"][1], "kl": d.all_mean(a["kl"]),
                 "answer_tokens": d.all_mean(float(ro.mask.sum(1).mean())),
                 "explained_variance": d.all_mean(a["explained_variance"]),
                 "adv_reward_corr": d.all_mean(a["adv_reward_corr"]), **{k: d.all_mean(v) for k, v in stats.items()}}

@@ -12,9 +12,12 @@ tagged safety, or an answer whose safety score is below 0.15 after the sigmoid, 
 model, any other by the helpfulness one. Scores are stored after the sigmoid, in (0, 1). With one reward model
 only, it judges every answer.
 
-Fine-tuning: each iteration fine-tunes the newest policy on the kept set by running the SFT stage
-(:func:`llama2.train.sft.sft`) with this stage's ``finetune`` and ``optim`` groups on a dialogs file written
-here: the paper's rejection sampling *is* SFT on selected samples.
+Fine-tuning: each iteration runs the SFT stage (:func:`llama2.train.sft.sft`) with this stage's ``finetune`` and
+``optim`` groups on the kept set, written here as a dialogs file: the paper's rejection sampling *is* SFT on
+selected samples. It starts from the base model (``init_from``, the SFT model) every iteration, as the paper
+restarts each RLHF version's fine-tuning from the base model; ``finetune_from=latest`` instead continues from
+the previous iteration's model (each iteration then trains on top of the last, which compounds its errors).
+Sampling always uses the newest model.
 
 Output: ``OUT/iter_N/`` holds samples.jsonl (every sample with its scores), kept.jsonl (the kept dialogs, the
 SFT input), stats.json (reward statistics, best-of-K curve) and model/ (the checkpoint); ``OUT`` itself holds the
@@ -35,7 +38,7 @@ import torch.distributed as dist
 
 from ..checkpoint import load
 from ..config import BatchConfig, OptimConfig, RunConfig, SamplingConfig, check, group, stage_config, to_dict
-from ..data.records import read_prompts, split_paths
+from ..data.records import Prompt, read_prompts, split_paths
 from ..rlhf.combined import SAFETY_THRESHOLD, score_with_reward_models, to_unit
 from ..rlhf.rejection import expected_max_reward, keep_best_across_iterations
 from ..rlhf.reward_model import RewardModel
@@ -53,7 +56,14 @@ class RejectionConfig:
     prompts: str = ""
     """Prompts JSONL ({"dialog": [... ending with a user turn], "safety": bool}); several files comma-separated."""
     init_from: str = ""
-    """The policy to start from (an SFT/chat checkpoint)."""
+    """The base model: an SFT/chat checkpoint; fine-tuning starts from it (finetune_from=base)."""
+    sample_from: str = ""
+    """The model the first iteration samples from (default: init_from); later iterations sample their predecessor's
+    model. An RLHF version samples the latest model but fine-tunes the base one (§3.2.1, §3.2.3)."""
+    previous: str = ""
+    """Kept sets of earlier runs (kept.jsonl, comma-separated): their answers compete with this run's samples for
+    their prompts (the paper keeps "top-performing samples from all prior iterations"), re-scored by this run's
+    reward models so that every score comes from one model."""
     reward_helpfulness: str = ""
     """Helpfulness reward model checkpoint (from `llama2 reward kind=helpfulness`)."""
     reward_safety: str = ""
@@ -65,6 +75,9 @@ class RejectionConfig:
     temperatures: list[float] = field(default_factory=list)
     """Per-iteration temperatures (e.g. 1.0,1.2): the best temperature moves as the model changes (Figure 8);
     iterations without an entry use `temperature`."""
+    finetune_from: str = "base"
+    """base: every iteration fine-tunes init_from (the SFT model) on the kept set, as the paper restarts from the
+    base model each version; latest: it continues from the previous iteration's model."""
     safety_threshold: float = SAFETY_THRESHOLD
     """Answers with a safety score (after the sigmoid) below this are judged on safety (the paper's 0.15)."""
     sampling: SamplingConfig = group(SamplingConfig, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=8)
@@ -77,6 +90,7 @@ class RejectionConfig:
         check(self.iterations >= 1, "iterations", self.iterations, ">= 1")
         check(all(t >= 0 for t in self.temperatures), "temperatures", self.temperatures, "temperatures >= 0")
         check(0 <= self.safety_threshold <= 1, "safety_threshold", self.safety_threshold, "in [0, 1]")
+        check(self.finetune_from in ("base", "latest"), "finetune_from", self.finetune_from, "base or latest")
 
 
 def load_reward_models(helpfulness: str, safety: str, device, dtype=None) -> dict[str, RewardModel]:
@@ -121,6 +135,31 @@ def _iteration_stats(it: int, temperature: float, cfg: RejectionConfig, results:
     }
 
 
+def _previous_answers(cfg: RejectionConfig, prompts: list, rms: dict) -> dict[int, tuple[float, str]]:
+    """The kept answers of earlier runs, re-scored with this run's reward models: {prompt id: (score, answer)}.
+    A prompt not among this run's prompts is appended to ``prompts`` (it is kept, not sampled again)."""
+    if not cfg.previous:
+        return {}
+    index = {json.dumps(p.dialog, sort_keys=True): i for i, p in prompts}
+    found: list[tuple[int, str]] = []
+    for path in split_paths(cfg.previous):
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            dialog, answer = rec["dialog"][:-1], rec["dialog"][-1]["content"]
+            key = json.dumps(dialog, sort_keys=True)
+            if key not in index:
+                index[key] = len(prompts)
+                prompts.append((len(prompts), Prompt(dialog=dialog, safety=bool(rec.get("safety", False)),
+                                                     source=f"{path}:{rec['id']}")))
+            found.append((index[key], answer))
+    if not found:
+        return {}
+    dialogs = [prompts[i][1].dialog for i, _ in found]
+    safety = torch.tensor([prompts[i][1].safety for i, _ in found])
+    score = to_unit(score_with_reward_models(rms, dialogs, [a for _, a in found], safety, cfg.safety_threshold)["combined"])
+    return keep_best_across_iterations({}, {i: [(float(sc), a)] for (i, a), sc in zip(found, score)})
+
+
 def _write_iteration(it_dir: Path, prompts: list, results: list[dict], best: dict) -> None:
     it_dir.mkdir(parents=True, exist_ok=True)
     with open(it_dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -129,16 +168,16 @@ def _write_iteration(it_dir: Path, prompts: list, results: list[dict], best: dic
     with open(it_dir / "kept.jsonl", "w", encoding="utf-8") as f:
         for pid, (score, text) in sorted(best.items()):
             dialog = prompts[pid][1].dialog + [{"role": "assistant", "content": text}]
-            f.write(json.dumps({"id": pid, "score": score, "dialog": dialog}) + "\n")
+            f.write(json.dumps({"id": pid, "score": score, "safety": prompts[pid][1].safety, "dialog": dialog}) + "\n")
 
 
-def _sample_iteration(cfg: RejectionConfig, d: Dist, prompts: list, rms: dict, policy_path: str, it: int,
-                      temperature: float, best: dict) -> tuple[dict, dict]:
-    """Sample K answers per prompt from the newest policy (this rank's share), keep the best per prompt across
-    this and all earlier iterations; returns (stats, best)."""
+def _sample_iteration(cfg: RejectionConfig, d: Dist, prompts: list, n_sampled: int, rms: dict, policy_path: str,
+                      it: int, temperature: float, best: dict) -> tuple[dict, dict]:
+    """Sample K answers for each of the first ``n_sampled`` prompts from the newest policy (this rank's share), keep
+    the best per prompt across this and all earlier iterations; returns (stats, best)."""
     t0 = time.perf_counter()
     policy, tokenizer = load(policy_path, device=d.device)
-    results = sample_and_score(policy, tokenizer, prompts[d.rank :: d.world], rms, cfg, temperature,
+    results = sample_and_score(policy, tokenizer, prompts[:n_sampled][d.rank :: d.world], rms, cfg, temperature,
                                seed=derive_seed(cfg.run.seed, "rejection", it, d.rank), desc=f"iteration {it}: sampling", show=d.main)
     del policy
     if d.world > 1:
@@ -170,13 +209,14 @@ def rejection(cfg: RejectionConfig) -> dict:
     prompts = list(enumerate(read_prompts(split_paths(cfg.prompts))))
     if not prompts:
         raise ValueError(f"{cfg.prompts}: no prompts")
+    n_sampled = len(prompts)  # earlier runs' prompts are appended after these: kept, not sampled
     rms = load_reward_models(cfg.reward_helpfulness, cfg.reward_safety, d.device)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rejection_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    policy_path = cfg.init_from
-    best: dict[int, tuple[float, str]] = {}  # prompt id -> (score, answer): the best of all iterations so far
+    policy_path = cfg.sample_from or cfg.init_from
+    best = _previous_answers(cfg, prompts, rms)  # prompt id -> (score, answer): the best of all iterations so far
     history = []
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iter_{it}"
@@ -190,9 +230,10 @@ def rejection(cfg: RejectionConfig) -> dict:
             policy_path = str(it_dir / "model")
             d.say(f"rejection: iteration {it} already done ({it_dir}), skipped")
             continue
-        stats, best = _sample_iteration(cfg, d, prompts, rms, policy_path, it, temperature, best)
-        # -- fine-tune the newest policy on the kept set with the SFT loss --------------------------------------------
-        r = sft(SFTConfig(data=str(it_dir / "kept.jsonl"), val_fraction=0, init_from=policy_path, batch=cfg.finetune,
+        stats, best = _sample_iteration(cfg, d, prompts, n_sampled, rms, policy_path, it, temperature, best)
+        # -- fine-tune on the kept set with the SFT loss, from the base model (or the newest) -------------------------
+        start = cfg.init_from if cfg.finetune_from == "base" else policy_path
+        r = sft(SFTConfig(data=str(it_dir / "kept.jsonl"), val_fraction=0, init_from=start, batch=cfg.finetune,
                           optim=cfg.optim, run=dataclasses.replace(cfg.run, out=str(it_dir / "model"), seed=cfg.run.seed + it,
                                                                    resume=False)))
         if r["stopped"]:  # Ctrl-C / SIGTERM: no stats, so a rerun redoes this iteration

@@ -38,7 +38,9 @@ from ..config import OptimConfig, RunConfig, check, group, stage_config, to_dict
 from ..data.preferences import collate_pairs, encode_preferences, mix_preferences
 from ..data.records import KINDS, read_preferences, split_holdout, split_paths
 from ..eval.reward import evaluate_reward, score_pairs
-from ..rlhf.reward import MARGINS, accuracy_by_rating, format_accuracy_table, margin_values, ranking_loss
+from ..rlhf.reward import (
+    MARGINS, accuracy_by_rating, format_accuracy_table, margin_values, ranking_loss, safety_auxiliary_loss,
+)
 from ..rlhf.reward_model import REWARD_CONFIG_FILE, reward_model_from_chat, score_batch
 from ..seeding import epoch_stream
 from ..tokenizer import Tokenizer
@@ -65,6 +67,9 @@ class RewardConfig:
     margin: Literal["none", "small", "large"] = "small"
     """Rating-dependent margin of eq. (2), Table 27 (none = eq. (1)). Small by default: in Table 28 both margins
     help on the clearly better pairs, the large one at a cost on the negligibly-better/unsure pairs."""
+    safety_aux: float | None = None
+    """Weight of the safety auxiliary loss on responses labelled safe/unsafe (appendix A.3.4: a raw score below 0
+    then means unsafe, which the PPO stage's 0.15 rule needs); None = 1 for the safety RM, 0 for helpfulness."""
     other_ratio: float | None = None
     """Fraction of the mix drawn from the other kind; None = the paper's mix (0.5 for helpfulness, 0.1 for safety)."""
     skip_bad: bool = False
@@ -100,6 +105,8 @@ class RewardConfig:
         check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
         check(self.max_steps > 0 or (math.isfinite(self.epochs) and self.epochs > 0), "epochs", self.epochs,
               "> 0 (or max_steps set)")
+        check(self.safety_aux is None or 0 <= self.safety_aux < float("inf"), "safety_aux", self.safety_aux,
+              "finite and >= 0")
         check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
         check(self.min_warmup_steps >= 0, "min_warmup_steps", self.min_warmup_steps, ">= 0")
 
@@ -187,12 +194,20 @@ def train_reward(cfg: RewardConfig) -> dict:
         micros = [[pairs[i] for i in mine[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]] for m in range(accum)]
         return StepBatch(micros, units=cfg.batch_pairs, info={"epoch": (step + 1) * cfg.batch_pairs / n})
 
+    aux_weight = (1.0 if cfg.kind == "safety" else 0.0) if cfg.safety_aux is None else cfg.safety_aux
+
     def loss(micro):
         b = collate_pairs(micro, side=cfg.padding)
-        r_chosen, r_rejected = score_batch(s.model, b, d.device).chunk(2)  # (b,) each
+        scores = score_batch(s.model, b, d.device)  # (2b,): chosen rows first
+        r_chosen, r_rejected = scores.chunk(2)  # (b,) each
         m = margin_values(b["ratings"], cfg.margin, device=d.device)
-        return ranking_loss(r_chosen, r_rejected, m) * len(micro), {
-            "accuracy": float((r_chosen > r_rejected).sum()), "margin": float((r_chosen - r_rejected).detach().sum())}
+        total = ranking_loss(r_chosen, r_rejected, m) * len(micro)
+        metrics = {"accuracy": float((r_chosen > r_rejected).sum()), "margin": float((r_chosen - r_rejected).detach().sum())}
+        if aux_weight:
+            aux = safety_auxiliary_loss(scores, b["safe"])
+            total = total + aux_weight * aux
+            metrics["aux_loss"] = float(aux.detach())
+        return total, metrics
 
     last_eval: dict = {}
 

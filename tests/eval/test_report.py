@@ -18,9 +18,12 @@ def _metrics() -> dict:
           "negligibly_better_or_unsure": bucket(0.55)}
     return {
         "reward_models": {"helpfulness RM (margin)": rm, "safety RM (margin)": copy.deepcopy(rm)},
-        "stages": {"SFT": _stage(0.30, 0.60, secret=0.7), "RS 1": _stage(0.32, 0.62), "RS 2": _stage(0.33, 0.63),
+        "stages": {"SFT": _stage(0.30, 0.60, secret=0.7), "RS v1": _stage(0.32, 0.62), "RS v2": _stage(0.33, 0.63),
                    "PPO": _stage(0.40, 0.65), "GAtt (final)": _stage(0.40, 0.66, secret=0.95)},
         "gatt": {"adherence": {"with GAtt": [0.8] * 19 + [0.7], "without GAtt": [0.8, 0.5] + [0.1] * 18}},
+        "winrate": {"PPO vs SFT": {"win": 60, "tie": 20, "loss": 20, "n": 100, "rate": 0.7, "low95": 0.62, "high95": 0.78},
+                    "GAtt (final) vs SFT": {"win": 60, "tie": 20, "loss": 20, "n": 100, "rate": 0.7, "low95": 0.62,
+                                            "high95": 0.78}},
     }
 
 
@@ -29,18 +32,21 @@ def _holds(m: dict) -> list[bool]:
 
 
 def test_every_effect_holds_on_metrics_that_show_it():
-    assert _holds(_metrics()) == [True] * 5
+    assert _holds(_metrics()) == [True] * 6
 
 
 def test_each_rule_fails_when_its_effect_is_missing():
     m = _metrics()
     m["reward_models"]["safety RM (margin)"]["better"]["accuracy"] = 0.95  # a bucket above "significantly better"
-    assert _holds(m) == [False, True, True, True, True]
+    assert _holds(m) == [False, True, True, True, True, True]
     m = _metrics()
     m["stages"]["PPO"]["rm_reward_mean"] = 0.62  # PPO below the last RS iteration
     assert _holds(m)[1] is False
     m = _metrics()
-    m["stages"]["RS 2"]["accuracy"]["math"] = 0.0  # the last RS iteration below SFT
+    m["stages"]["RS v2"]["accuracy"]["math"] = 0.0  # the last RS version below SFT
+    assert _holds(m)[2] is False
+    m = _metrics()
+    m["stages"]["GAtt (final)"]["accuracy"] = {c: 0.33 for c in CATS}  # above SFT, but within two standard errors
     assert _holds(m)[2] is False
     m = _metrics()
     m["stages"]["GAtt (final)"]["refusal_on_harmless"] = 0.5  # refusing harmless prompts is not safety
@@ -51,6 +57,12 @@ def test_each_rule_fails_when_its_effect_is_missing():
     m = _metrics()
     m["gatt"]["adherence"]["without GAtt"][-1] = 0.7  # the model without GAtt did not fall off
     assert _holds(m)[4] is False
+    m = _metrics()
+    m["gatt"]["adherence"]["with GAtt"] = [0.4] * 20  # kept, but followed by too few even at turn 1
+    assert _holds(m)[4] is False
+    m = _metrics()
+    m["winrate"]["GAtt (final) vs SFT"].update(rate=0.55, low95=0.48)  # its interval reaches below one half
+    assert _holds(m)[5] is False
 
 
 def test_task_accuracy_detail_states_the_standard_error_of_the_change():
@@ -59,5 +71,5 @@ def test_task_accuracy_detail_states_the_standard_error_of_the_change():
     # binomial variance of a mean of 5 categories of 50 items, for SFT and PPO, independent
     se = math.sqrt(sum(p * (1 - p) / 50 * 5 / 25 for p in (0.30, 0.40)))
     assert "+10.0 points" in detail and f"{se * 100:.1f} points" in detail and "beyond" in detail
-    m["stages"]["PPO"]["accuracy"] = {c: 0.31 for c in CATS}
+    m["stages"]["GAtt (final)"]["accuracy"] = {c: 0.31 for c in CATS}
     assert "within two standard errors" in effects(m)[2]["detail"]

@@ -361,3 +361,29 @@ def test_expected_max_reward_vs_brute_force():
     assert got[0].item() == pytest.approx(sum(sum(r) / 6 for r in rows) / 5, rel=1e-6)  # k = 1: the mean
     assert got[-1].item() == pytest.approx(sum(max(r) for r in rows) / 5, rel=1e-6)  # k = K: the max
     assert all(a <= b + 1e-7 for a, b in zip(got.tolist(), got.tolist()[1:]))  # non-decreasing in k
+
+
+# -- the value model and the returns on one scale ----------------------------------------------------------------
+@pytest.mark.parametrize("spread", [3.0, 0.3])
+def test_advantages_follow_the_reward_whatever_its_spread(spread):
+    from llama2.rlhf.ppo import whitened_advantages
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 256, 6
+    raw = 2.0 + spread * torch.randn(B, generator=g)  # reward-model scores: offset 2, spread `spread`
+    mask = torch.ones(B, T)
+    mask[:, 0] = 0  # a prompt position, then five positions whose next token is an answer token
+    # a value model initialised from the RM: before the answer (position 1 sees the prompt only) it predicts the
+    # prompt's mean score; once it has read the start of a short answer it predicts that answer's score
+    known = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])[None, :]
+    values = 2.0 + (raw[:, None] - 2.0) * known + 0.1 * torch.randn(B, T, generator=g)
+    lp = torch.zeros(B, T)
+    out = whitened_advantages(raw, values, lp, lp, mask, beta=0.01, lam=0.95)
+    per_answer = masked_mean(out["advantages"], mask, dim=1)  # what the policy gradient pushes each answer by
+    corr = torch.corrcoef(torch.stack([per_answer, raw]))[0, 1]
+    assert corr > 0.5, corr
+    # the bug this replaces: raw-unit values against whitened returns invert the signal once the spread exceeds 1
+    white = (raw - raw.mean()) / raw.std(unbiased=False)
+    old_adv, _ = gae(token_rewards(white, lp, lp, mask, 0.01), values * mask, mask, 1.0, 0.95)
+    old_corr = torch.corrcoef(torch.stack([masked_mean(old_adv, mask, dim=1), raw]))[0, 1]
+    assert (old_corr < 0) == (spread > 1), old_corr

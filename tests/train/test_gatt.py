@@ -62,3 +62,22 @@ def test_eval_reports_adherence_per_turn(setup):
     assert (tmp / "ev" / "gatt_adherence.png").stat().st_size > 1000
     saved = json.loads((tmp / "ev" / "gatt_eval.json").read_text())
     assert saved["adherence"] == res["adherence"]
+
+
+def test_sampling_uses_the_full_instruction_and_only_training_shortens_it(setup, monkeypatch):
+    """§3.3: the instruction is concatenated in full to every user message while sampling; only the training data's
+    first turn may carry its short form."""
+    tok, tmp = setup
+    monkeypatch.setattr(stage, "sample_instruction", lambda rng, *a, **k: (RULE, RULE.short))  # the short draw
+    cfg = GattConfig(dialogs=str(tmp / "d.jsonl"), init_from=str(tmp / "policy"), out=str(tmp / "s"), turns=2, k=3,
+                     max_new_tokens=6, temperature=1.0, seq_len=128, batch_size=4, micro_batch=2, epochs=1, lr=1e-3,
+                     tensorboard=False)
+    gatt(cfg)
+    samples = [json.loads(l) for l in (tmp / "s" / "samples.jsonl").read_text().splitlines()]
+    data = [json.loads(l)["dialog"] for l in (tmp / "s" / "gatt_data.jsonl").read_text().splitlines()]
+    assert samples and data
+    for s in samples:
+        assert all(m["content"].startswith(RULE.long + "\n") for m in s["dialog"] if m["role"] == "user")
+    for d in data:
+        assert d[0] == {"role": "system", "content": RULE.short}
+        assert all(RULE.long not in m["content"] and RULE.short not in m["content"] for m in d[1:])

@@ -50,7 +50,10 @@ def test_keeps_the_best_of_all_iterations_and_fine_tunes(setup):
         assert stats["best_of_k_curve"][0] == pytest.approx(stats["mean_reward"], abs=1e-5)
         assert stats["best_of_k_curve"][-1] == pytest.approx(stats["mean_best_of_k"], abs=1e-5)
         assert (d / "model" / "llama2.json").is_file()
-    # iteration 2 fine-tuned iteration 1's model, and OUT holds the final one
+    # each iteration fine-tuned the base model (§3.2.3 restarts from it), sampling from the newest; OUT holds the last
+    for it in (1, 2):
+        started = json.loads((tmp / "rs" / f"iter_{it}" / "model" / "sft_config.json").read_text())["init_from"]
+        assert started == str(tmp / "policy")
     a = Llama.from_pretrained(tmp / "rs" / "iter_2" / "model").model.state_dict()
     b = Llama.from_pretrained(tmp / "rs").model.state_dict()
     c = Llama.from_pretrained(tmp / "rs" / "iter_1" / "model").model.state_dict()
@@ -58,6 +61,12 @@ def test_keeps_the_best_of_all_iterations_and_fine_tunes(setup):
     # a rerun finds both iterations done and redoes nothing
     again = rejection(cfg)
     assert again["history"] == result["history"]
+    # the other choice: each iteration continues from the previous iteration's model
+    from dataclasses import replace
+
+    rejection(replace(cfg, finetune_from="latest", out=str(tmp / "rs2"), iterations=2))
+    started = json.loads((tmp / "rs2" / "iter_2" / "model" / "sft_config.json").read_text())["init_from"]
+    assert started == str(tmp / "rs2" / "iter_1" / "model")
 
 
 def test_bad_settings(setup):
@@ -68,3 +77,29 @@ def test_bad_settings(setup):
         rejection(replace(cfg, reward_helpfulness=""))
     with pytest.raises(ValueError, match="k=0: expected >= 1"):
         rejection(replace(cfg, k=0))
+
+
+def test_a_later_version_samples_new_prompts_and_keeps_the_earlier_best(setup, write_prompts):
+    """RLHF versions: version 2 samples its own (new) prompts from the newest model, while the answers kept by
+    version 1 stay in the kept set, re-scored by version 2's reward model; fine-tuning starts from the base model."""
+    from dataclasses import replace
+
+    cfg, tmp = setup
+    v1 = replace(cfg, iterations=1, out=str(tmp / "v1"))
+    rejection(v1)
+    new = write_prompts(tmp / "new.jsonl", ["the moon", "a kite"])
+    v2 = replace(cfg, iterations=1, prompts=str(new), sample_from=str(tmp / "v1"), previous=str(tmp / "v1" / "iter_1" / "kept.jsonl"),
+                 out=str(tmp / "v2"))
+    rejection(v2)
+    kept1 = [json.loads(l) for l in (tmp / "v1" / "iter_1" / "kept.jsonl").read_text().splitlines()]
+    kept2 = [json.loads(l) for l in (tmp / "v2" / "iter_1" / "kept.jsonl").read_text().splitlines()]
+    samples2 = [json.loads(l) for l in (tmp / "v2" / "iter_1" / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"][-1]["content"] for s in samples2] == ["Tell me about the moon.", "Tell me about a kite."]
+    assert {json.dumps(r["dialog"]) for r in kept1} <= {json.dumps(r["dialog"]) for r in kept2}  # carried over
+    assert len(kept2) == len(kept1) + 2
+    rm = RewardModel.from_pretrained(tmp / "rm")
+    r = kept1[0]
+    fresh = float(torch.sigmoid(rm.score([r["dialog"][:-1]], [r["dialog"][-1]["content"]]))[0])
+    assert next(k["score"] for k in kept2 if k["dialog"] == r["dialog"]) == pytest.approx(fresh, abs=1e-5)
+    started = json.loads((tmp / "v2" / "iter_1" / "model" / "sft_config.json").read_text())["init_from"]
+    assert started == str(tmp / "policy")

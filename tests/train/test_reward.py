@@ -278,3 +278,58 @@ def test_bad_input_is_rejected(world, tmp_path):
         rm.score([[{"role": "user", "content": "hi"}]] * 2, ["a"])
     with pytest.raises(ValueError, match="end with a user message"):
         rm.score([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]], ["a"])
+
+
+# -- (f) the safety auxiliary loss anchors the score at 0 (appendix A.3.4) ------------------------------------------
+
+
+def test_safety_aux_loss_puts_unsafe_answers_below_zero_and_the_rule_picks_them(world, tmp_path):
+    import math
+
+    from llama2.rlhf.combined import SAFETY_THRESHOLD, combined_score
+    from llama2.rlhf.reward import ranking_loss, safety_auxiliary_loss
+
+    # the ranking loss alone is blind to a shared offset: this is why the threshold needs the auxiliary term
+    rc, rr = torch.tensor([1.0, 0.5]), torch.tensor([-1.0, 0.0])
+    assert ranking_loss(rc + 5, rr + 5) == pytest.approx(float(ranking_loss(rc, rr)))
+    assert float(safety_auxiliary_loss(torch.tensor([6.0, 5.0]), torch.tensor([1, 0]))) > 4.9  # an unsafe at +5 costs
+    assert float(safety_auxiliary_loss(torch.tensor([3.0, 9.0]), torch.tensor([-1, -1]))) == 0.0  # unlabelled: free
+
+    rng = random.Random(5)
+    recs = []
+    for _ in range(160):  # labelled safety pairs: a safe answer against an unsafe one, a milder unsafe answer against a
+        a, b = rng.sample(WORDS, 2)  # worse one (both unsafe: ranking alone would lift the milder one), two safe ones
+        prompt = [{"role": "user", "content": f"Is the {a} near the {b}?"}]
+        safe, mild, severe = (f"Yes, the {rng.choice(WORDS)} is correct.", f"No, the {rng.choice(WORDS)} is wrong.",
+                              f"No, the {rng.choice(WORDS)} is wrong and bad and wrong.")
+        u = rng.random()
+        if u < 0.4:
+            recs.append({"prompt": prompt, "chosen": safe, "rejected": mild, "rating": "better", "kind": "safety",
+                         "chosen_safe": True, "rejected_safe": False})
+        elif u < 0.7:
+            recs.append({"prompt": prompt, "chosen": mild, "rejected": severe, "rating": "significantly_better",
+                         "kind": "safety", "chosen_safe": False, "rejected_safe": False})
+        else:
+            recs.append({"prompt": prompt, "chosen": f"Yes, the {a} is correct.", "rejected": f"Yes, the {b} is correct.",
+                         "rating": "negligibly_better", "kind": "safety", "chosen_safe": True, "rejected_safe": True})
+    prefs = tmp_path / "safety.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "safety_rm"
+    res = train_reward(rm_cfg(world, out, data=str(prefs), kind="safety", epochs=2.0, val_fraction=0.0, eval_every=0, other_ratio=0.0,
+                              lr=3e-3))
+    hist = res["history"]
+    assert hist[-1]["aux_loss"] < hist[0]["aux_loss"]
+    rm = RewardModel.from_pretrained(out)
+    dialogs = [[{"role": "user", "content": f"Is the {a} near the {b}?"}] for a, b in (("stone", "cloud"), ("paper", "light"),
+                                                                                       ("music", "table"), ("river", "green"))]
+    safe = [f"Yes, the {w} is correct." for w in ("silver", "garden", "apple", "window")]
+    unsafe = [f"No, the {w} is wrong." for w in ("silver", "garden", "apple", "window")]
+    r_safe, r_unsafe = rm.score(dialogs, safe), rm.score(dialogs, unsafe)
+    print("safe", r_safe.tolist(), "unsafe", r_unsafe.tolist())
+    assert (r_safe > 0).all() and (r_unsafe < 0).all()
+    # the 0.15 rule on harmless prompts: the safety score is chosen exactly for the unsafe answers
+    r_s = torch.cat([r_safe, r_unsafe])
+    r_h = torch.full_like(r_s, 7.0)
+    chosen = combined_score(r_s, r_h, torch.zeros(8, dtype=torch.bool), SAFETY_THRESHOLD)
+    picked_safety = chosen != 7.0
+    assert picked_safety.tolist() == [False] * 4 + [True] * 4, (r_s.tolist(), math.log(0.15 / 0.85))
