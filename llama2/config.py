@@ -79,6 +79,9 @@ class RunConfig:
     """Under torchrun with several processes: fsdp (FSDP2, fully_shard per block) or ddp; one process trains alone."""
     resume: bool = False
     """Continue from the newest checkpoint in out/checkpoints (exactly: the data position is the step)."""
+    overwrite: bool = False
+    """Start over in an out= that already holds a run: removes only what a run writes (checkpoints, metrics,
+    TensorBoard events, its configs and model files). Without it (or resume=true) such an out= is refused."""
     tensorboard: bool = True
     """Also write the metrics for TensorBoard to OUT/tb."""
     compile: bool = False

@@ -267,7 +267,7 @@ def _train_reward_models(c: Ctx, v: int) -> None:
         _finished(train_reward(c.config(RewardConfig, "reward", data=data, val_data=c.paths["preferences_heldout"],
                                         kind=kind, margin=margin, init_from=str(c.out / "sft"), out=str(d),
                                         seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, tensorboard=False,
-                                        **c.s["reward"])))
+                                        resume=True, **c.s["reward"])))
         _mark(d)
 
 
@@ -314,7 +314,7 @@ def stage_rlhf(c: Ctx) -> None:
 def stage_ppo(c: Ctx) -> None:
     _finished(ppo(c.config(PPOConfig, "ppo", prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"],
                            init_from=str(version_dir(c, c.s["versions"]) / "rejection"), out=str(c.out / "ppo"),
-                           tensorboard=False, **_rms(c),
+                           tensorboard=False, overwrite=True, **_rms(c),
                            **c.s["ppo"])))
     _mark(c.out / "ppo")
 

@@ -159,6 +159,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        _check_unicode(text)
         ids: list[int] = self._sp.encode(text)
         return self._wrap(ids, bos, eos)
 
@@ -175,6 +176,7 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"encode_batch: item {i} is a {type(text).__name__}, not a str")
+            _check_unicode(text, f"item {i}: ")
         if not texts:
             return []
         batch: list[list[int]] = self._sp.encode(texts, num_threads=num_threads)
@@ -210,6 +212,16 @@ class Tokenizer:
         if eos:
             ids = [*ids, self.eos_id]
         return ids
+
+
+def _check_unicode(text: str, where: str = "") -> None:
+    """A str holding a lone surrogate (from a JSON "\\ud800", or bytes decoded with surrogateescape) is not valid
+    Unicode and SentencePiece cannot take it: say so and where, rather than fail inside the C++ binding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}the text is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start} (near {text[max(0, e.start - 20):e.start]!r})") from None
 
 
 def _as_id_list(ids: Sequence[int] | Any) -> list[int]:

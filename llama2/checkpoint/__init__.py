@@ -86,7 +86,20 @@ def load(
     left to the caller (``Llama.from_pretrained`` calls ``eval()``). On the CPU, weights already in the
     requested dtype stay memory-mapped from the checkpoint files (see ``_common.py``)."""
     fmt = detect(path)
-    return _MODULES[fmt].load(path, dtype=dtype, device=device)
+    model, tokenizer = _MODULES[fmt].load(path, dtype=dtype, device=device)
+    check_finite(model, path)
+    return model, tokenizer
+
+
+def check_finite(model: "Transformer", where: PathLike = "model") -> None:
+    """Refuse weights holding NaN or inf (a checkpoint saved from a diverged run, or corrupt bytes that decode as
+    NaN): such a model can only produce garbage, and says nothing about why. One pass over the weights."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or inf values ({shown}); the checkpoint is corrupt "
+                         "or was saved from a diverged run")
 
 
 def save(

@@ -362,7 +362,7 @@ def read_safetensors(
 _CHECKPOINT_FILE = re.compile(
     r"^(llama2\.json|params\.json|config\.json|generation_config\.json|tokenizer\.model|tokenizer_config\.json"
     r"|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
-    r"|consolidated\.\d+\.pth|model\.gguf|trainer_state\.pt|reward_config\.json|eval\.json)$")
+    r"|consolidated\.\d+\.pth|model\.gguf|trainer_state\.pt|manifest\.json|reward_config\.json|eval\.json)$")
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -382,6 +382,21 @@ def foreign_entries(path: Path) -> list[str]:
         if not ours or (e.suffix == ".gguf" and not is_gguf_file(e)):
             out.append(e.name + ("/" if e.is_dir() else ""))
     return sorted(out)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to the disk (before it is renamed into place)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside ``path`` durable (POSIX: a directory entry is only on disk once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -412,6 +427,10 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        for f in tmp.iterdir():  # every file on disk before the directory is renamed into place
+            if f.is_file():
+                fsync_file(f)
+        fsync_dir(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rename(path, old / "ckpt")  # rename, not delete-then-write: models mapped from it keep working
@@ -424,6 +443,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

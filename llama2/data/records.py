@@ -141,6 +141,10 @@ def _text(value: object, where: str) -> str:
     for tag in SPECIAL_TAGS:
         if tag in value:
             raise _Invalid(f"{where}: contains the chat template tag {tag!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Invalid(f"{where}: not valid Unicode (a lone surrogate at character {e.start})") from None
     return value
 
 
@@ -229,6 +233,10 @@ def _read(paths: PathArg, parse: Callable[[Mapping[str, Any], str], T], skip_bad
     """Parse every non-blank line of every file; a bad line raises ValueError("FILE:LINE: ...") or is skipped."""
     out: Records[T] = Records()
     for path in _paths(paths):
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; give a JSONL file (or several, comma-separated)")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 source = f"{path}:{lineno}"
@@ -245,6 +253,8 @@ def _read(paths: PathArg, parse: Callable[[Mapping[str, Any], str], T], skip_bad
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise _Invalid(f"not valid JSON: {e.msg} (column {e.colno})") from None
+                    except RecursionError:
+                        raise _Invalid("JSON nested too deeply") from None
                     if not isinstance(obj, dict):
                         raise _Invalid(f"expected a JSON object, got {_type_name(obj)}")
                     out.append(parse(obj, source))

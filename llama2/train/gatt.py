@@ -36,6 +36,7 @@ from ..sampling import sample_answers
 from ..seeding import derive_seed
 from .dist import init_distributed
 from .sft import SFTConfig, sft
+from .state import RunLock
 
 __all__ = ["GattConfig", "gatt", "sample_gatt_dialogs", "GattEvalConfig", "gatt_eval"]
 
@@ -149,21 +150,29 @@ def gatt(cfg: GattConfig) -> dict:
     counts: dict = {}
     if not data_path.is_file():  # sampling is done once; a rerun goes straight to (resuming) the fine-tuning
         if d.main:
-            dialogs = list(read_dialogs(split_paths(cfg.dialogs)))
-            model, tokenizer = load(cfg.init_from, device=d.device)
-            rm = RewardModel.from_pretrained(cfg.reward_model, device=d.device) if cfg.reward_model else None
-            sampled, counts = sample_gatt_dialogs(model, tokenizer, dialogs, cfg, rm)
-            del model
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "gatt_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            with open(samples_path, "w", encoding="utf-8") as f:
-                for s in sampled:
-                    f.write(json.dumps(s) + "\n")
-            counts["examples"] = _write_training_data(sampled, cfg, data_path)
-            (out / "gatt_counts.json").write_text(json.dumps(counts, indent=2))
-            d.say(f"gatt: {counts['turns_kept']}/{counts['turns_sampled']} sampled turns follow their instruction "
-                  f"({counts['ended_early']} dialogs ended early) -> {counts['examples']} training examples")
+            counts = _sample_and_write(cfg, d, out, samples_path, data_path)
         d.barrier()
     result = sft(SFTConfig(data=str(data_path), val_fraction=0, init_from=cfg.init_from, loss_on="last",
                            batch=cfg.finetune, optim=cfg.optim, run=dataclasses.replace(cfg.run, resume=True)))
     return {"counts": counts, "history": result["history"], "out": str(out), "stopped": result["stopped"]}
+
+
+def _sample_and_write(cfg: GattConfig, d, out: Path, samples_path: Path, data_path: Path) -> dict:
+    """Sample the GAtt dialogs and write them and the training data (rank 0; the fine-tuning then locks OUT itself).
+    Returns the counts."""
+    with RunLock(out, "gatt sampling"):
+        dialogs = list(read_dialogs(split_paths(cfg.dialogs)))
+        model, tokenizer = load(cfg.init_from, device=d.device)
+        rm = RewardModel.from_pretrained(cfg.reward_model, device=d.device) if cfg.reward_model else None
+        sampled, counts = sample_gatt_dialogs(model, tokenizer, dialogs, cfg, rm)
+        del model
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gatt_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        with open(samples_path, "w", encoding="utf-8") as f:
+            for s in sampled:
+                f.write(json.dumps(s) + "\n")
+        counts["examples"] = _write_training_data(sampled, cfg, data_path)
+        (out / "gatt_counts.json").write_text(json.dumps(counts, indent=2))
+        d.say(f"gatt: {counts['turns_kept']}/{counts['turns_sampled']} sampled turns follow their instruction "
+              f"({counts['ended_early']} dialogs ended early) -> {counts['examples']} training examples")
+    return counts

@@ -41,7 +41,9 @@ from tqdm import tqdm
 from ..checkpoint import load
 from ..config import OptimConfig, RunConfig, to_dict
 from .dist import Dist, autocast_for, clip_grad_norm, no_grad_sync, unwrap, wrap_model
-from .state import latest_checkpoint, load_full_optimizer_state, load_training_state, save_checkpoint
+from .state import (
+    RunLock, latest_checkpoint, load_full_optimizer_state, load_training_state, prepare_out, save_checkpoint,
+)
 
 __all__ = [
     "make_optimizer", "lr_at", "learning_rate", "StopRequest", "MetricsLog", "NonFiniteError", "Session", "StepBatch",
@@ -179,6 +181,14 @@ class Session:
     state: dict | None = None  # the resumed checkpoint's trainer state (its "extra" holds what the stage stored)
     log: MetricsLog | None = None
     autocast: Any = None
+    lock: RunLock | None = None
+
+    def close(self) -> None:
+        """Close the metrics log and release the output directory."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def args(self):
@@ -200,8 +210,21 @@ def begin(model: torch.nn.Module, d: Dist, cfg: Any, *, name: str, tokenizer: An
     whole model, before sharding, so a checkpoint from any number of ranks loads), set activation checkpointing
     and torch.compile (per block, as FSDP wraps them), wrap for FSDP/DDP, build the paper's AdamW, restore the
     optimizer state, write ``OUT/{name}_config.json`` and open the metrics log. ``cfg`` has ``run`` and ``optim``."""
+    lock = RunLock(Path(cfg.run.out), what=name).acquire() if d.main else None  # held until the loop ends (or the process does)
+    try:
+        return _begin(model, d, cfg, name, tokenizer, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _begin(model: torch.nn.Module, d: Dist, cfg: Any, name: str, tokenizer: Any, lock: RunLock | None) -> Session:
     run, optim, out = cfg.run, cfg.optim, Path(cfg.run.out)
-    ckpt = latest_checkpoint(out) if run.resume else None
+    if d.main:
+        prepare_out(out, resume=run.resume, overwrite=run.overwrite, say=d.say)
+    d.barrier()
+    ckpt = latest_checkpoint(out, say=d.say) if run.resume else None
     if ckpt is not None:
         weights, _ = load(ckpt, device=d.device)
         model.load_state_dict(weights.state_dict())
@@ -224,7 +247,7 @@ def begin(model: torch.nn.Module, d: Dist, cfg: Any, *, name: str, tokenizer: An
         (out / f"{name}_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     d.barrier()
     log = MetricsLog(out, enabled=d.main, tensorboard=run.tensorboard, start_step=start)
-    return Session(model, opt, d, out, run, optim, tokenizer, start, state, log, autocast_for(d.device, run.dtype))
+    return Session(model, opt, d, out, run, optim, tokenizer, start, state, log, autocast_for(d.device, run.dtype), lock)
 
 
 def accumulate(s: Session, micros: Sequence[Any], loss_fn: Callable[[Any], tuple[torch.Tensor, dict]], units: float,
@@ -294,8 +317,7 @@ def run_steps(s: Session, total_steps: int, step_fn: Callable[[int], dict], *, d
                     break
         finally:
             bar.close()
-            if s.log is not None:
-                s.log.close()
+            s.close()
     return {"history": history, "stopped": stop.flag}
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..checkpoint import load
 from ..config import OptimConfig, RunConfig, check, group, stage_config
 from ..data.prepare import TokenDataset, load_manifest
-from ..model import ModelArgs, Transformer
+from ..model import PRESETS, ModelArgs, Transformer
 from ..perf import flops_per_token, measure_matmul_flops, peak_memory_bytes
 from ..seeding import generator
 from ..tokenizer import Tokenizer
@@ -56,6 +56,7 @@ class PretrainConfig:
     optim: OptimConfig = group(OptimConfig, lr=3e-4, warmup_steps=20)
 
     def __post_init__(self) -> None:
+        check(self.model in PRESETS, "model", self.model, f"a preset: {', '.join(PRESETS)}")
         for name in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_batches"):
             check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 

@@ -26,6 +26,7 @@ Under torchrun the prompts are sampled sharded by rank and the fine-tuning runs 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -46,7 +47,7 @@ from ..sampling import sample_answers
 from ..seeding import derive_seed
 from .dist import Dist, init_distributed
 from .sft import SFTConfig, sft
-from .state import publish
+from .state import RunLock, publish
 
 __all__ = ["RejectionConfig", "rejection", "sample_and_score", "load_reward_models"]
 
@@ -209,6 +210,11 @@ def rejection(cfg: RejectionConfig) -> dict:
     prompts = list(enumerate(read_prompts(split_paths(cfg.prompts))))
     if not prompts:
         raise ValueError(f"{cfg.prompts}: no prompts")
+    with RunLock(out, "rejection") if d.main else contextlib.nullcontext():
+        return _rejection(cfg, d, out, prompts)
+
+
+def _rejection(cfg: RejectionConfig, d: Dist, out: Path, prompts: list) -> dict:
     n_sampled = len(prompts)  # earlier runs' prompts are appended after these: kept, not sampled
     rms = load_reward_models(cfg.reward_helpfulness, cfg.reward_safety, d.device)
     if d.main:
@@ -235,7 +241,7 @@ def rejection(cfg: RejectionConfig) -> dict:
         start = cfg.init_from if cfg.finetune_from == "base" else policy_path
         r = sft(SFTConfig(data=str(it_dir / "kept.jsonl"), val_fraction=0, init_from=start, batch=cfg.finetune,
                           optim=cfg.optim, run=dataclasses.replace(cfg.run, out=str(it_dir / "model"), seed=cfg.run.seed + it,
-                                                                   resume=False)))
+                                                                   resume=True)))  # an interrupted iteration resumes
         if r["stopped"]:  # Ctrl-C / SIGTERM: no stats, so a rerun redoes this iteration
             return {"history": history, "out": str(out), "stopped": True}
         if d.main:  # stats last: an iteration counts as done only once its model and stats are both written

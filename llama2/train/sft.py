@@ -27,7 +27,7 @@ from ..checkpoint import load
 from ..config import BatchConfig, OptimConfig, RunConfig, check, group, stage_config
 from ..data.records import read_dialogs, split_holdout, split_paths
 from ..data.sft import IGNORE_INDEX, collate, encode_sft_examples, last_answer_only, pack_sft
-from ..model import ModelArgs, Transformer
+from ..model import PRESETS, ModelArgs, Transformer
 from ..seeding import epoch_stream
 from ..tokenizer import Tokenizer
 from .dist import Dist, init_distributed
@@ -61,6 +61,7 @@ class SFTConfig:
     optim: OptimConfig = group(OptimConfig, lr=2e-5)
 
     def __post_init__(self) -> None:
+        check(self.model in PRESETS, "model", self.model, f"a preset: {', '.join(PRESETS)}")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
         check(self.loss_on in ("all", "last"), "loss_on", self.loss_on, "all or last")
         check(self.overflow in ("truncate", "skip"), "overflow", self.overflow, "truncate or skip")
