@@ -42,6 +42,7 @@ __all__ = [
     "has_special_tags",
     "fit_dialog",
     "fit_prompt",
+    "turns",
 ]
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -231,6 +232,16 @@ def encode_dialog_prompt(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, o
             f"message {last} (role 'assistant'): a prompt for generation must end with a user message"
         )
     return encode_dialog(tokenizer, dialog).ids
+
+
+def turns(*texts: str, system: str | None = None) -> list[dict[str, str]]:
+    """A dialog from its texts in order, user first, then alternating with the assistant; ``system`` first if given.
+
+    >>> turns("Hi", "Hello.", "How are you?")[-1]
+    {'role': 'user', 'content': 'How are you?'}
+    """
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return head + [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
 
 
 def has_special_tags(dialog: Sequence[Mapping[str, object]]) -> bool:

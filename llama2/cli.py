@@ -354,6 +354,13 @@ def cmd_eval(args) -> None:
         print(f"results in {args.out}", file=sys.stderr)
 
 
+def cmd_serve(args) -> None:
+    from .serve import serve  # FastAPI and uvicorn: only when serving
+
+    serve(args.ckpt, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch, dtype=args.dtype,
+          max_seq_len=args.max_seq_len, model_name=args.model_name)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -455,6 +462,25 @@ def _add_other_commands(sub, chosen: str | None) -> None:
     p.add_argument("--out", default=None, help="write lm-eval's results JSON here")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a checkpoint (continuous batching)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve a checkpoint over HTTP with the OpenAI API: GET /health, GET /v1/models, POST "
+                       "/v1/chat/completions (messages rendered in the Llama 2 chat format exactly as `llama2 chat` "
+                       "does; messages holding the template's tags are refused) and POST /v1/completions, streaming "
+                       "as server-sent events. Concurrent requests share the decode steps (continuous batching).",
+                       epilog="example:\n  llama2 serve --ckpt runs/toy/final --port 8000\n"
+                              "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                              "       -d '{\"model\": \"final\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context of the server's cache (default: the model's)")
+    p.add_argument("--model-name", default=None, help="the model's name in the API (default: the checkpoint's directory name)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--seed", type=int, default=0)
@@ -491,7 +517,7 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = _command_of(argv)
-    parser = build_parser(chosen if chosen in (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "eval", "demo") else None)
+    parser = build_parser(chosen if chosen in (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "eval", "serve", "demo") else None)
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("LLAMA2_DEBUG", "") not in ("", "0")
     try:

@@ -118,26 +118,12 @@ class Tokenizer:
 
     # ------------------------------------------------------------- properties
 
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def pad_id(self) -> int:
-        """-1 for Llama 2: the vocabulary has no padding piece (Meta pads with -1 and masks it)."""
-        return self._sp.pad_id()
+    vocab_size = property(lambda self: self._sp.get_piece_size())
+    bos_id = property(lambda self: self._sp.bos_id())
+    eos_id = property(lambda self: self._sp.eos_id())
+    unk_id = property(lambda self: self._sp.unk_id())
+    # -1 for Llama 2: the vocabulary has no padding piece (Meta pads with -1 and masks it)
+    pad_id = property(lambda self: self._sp.pad_id())
 
     def __len__(self) -> int:
         return self.vocab_size

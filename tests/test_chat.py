@@ -13,6 +13,7 @@ from llama2.chat import (
     encode_dialog_prompt,
     format_dialog,
     has_special_tags,
+    turns,
 )
 from llama2.tokenizer import Tokenizer
 
@@ -69,22 +70,12 @@ SYSTEM_USER = [
     {"role": "system", "content": "\n You are a helpful, concise assistant.  "},
     {"role": "user", "content": "  Name three primes.  "},
 ]
-MULTI_USER_END = [
-    {"role": "system", "content": "Always answer in French."},
-    {"role": "user", "content": "Hello!"},
-    {"role": "assistant", "content": " Bonjour ! Comment puis-je vous aider ?\n"},
-    {"role": "user", "content": "What is 12 + 30?"},
-    {"role": "assistant", "content": "12 + 30 = 42."},
-    {"role": "user", "content": "And in words?"},
-]
-MULTI_ASSISTANT_END = [
-    {"role": "user", "content": "Write a haiku about rain."},
-    {"role": "assistant", "content": "Soft rain on the roof,\nthe gutters hum their old song,\nnight drinks the cold street."},
-    {"role": "user", "content": "Now one about 🦙 llamas, in Ελληνικά?"},
-    {"role": "assistant", "content": "  Λάμα στα βουνά —\nwool against the morning wind,\n🦙 chews, unbothered.  "},
-    {"role": "user", "content": "Thanks [friend]"},
-    {"role": "assistant", "content": "[You're welcome!]"},
-]
+MULTI_USER_END = turns("Hello!", " Bonjour ! Comment puis-je vous aider ?\n", "What is 12 + 30?", "12 + 30 = 42.",
+                       "And in words?", system="Always answer in French.")
+MULTI_ASSISTANT_END = turns(
+    "Write a haiku about rain.", "Soft rain on the roof,\nthe gutters hum their old song,\nnight drinks the cold street.",
+    "Now one about 🦙 llamas, in Ελληνικά?", "  Λάμα στα βουνά —\nwool against the morning wind,\n🦙 chews, unbothered.  ",
+    "Thanks [friend]", "[You're welcome!]")
 DIALOGS = {
     "single_user": SINGLE,
     "system_user": SYSTEM_USER,

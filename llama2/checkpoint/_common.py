@@ -48,6 +48,34 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
+class TensorNames:
+    """The mapping between another format's tensor names and ours (Meta's): whole-model tensors by name, and per-layer
+    tensors under ``{layer_prefix}{i}.`` in the other format against ``layers.{i}.`` in ours."""
+
+    _OURS = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+    def __init__(self, global_names: Mapping[str, str], layer_names: Mapping[str, str], layer_prefix: str) -> None:
+        self.glob, self.layer, self.prefix = dict(global_names), dict(layer_names), layer_prefix
+        self.glob_inv = {v: k for k, v in self.glob.items()}
+        self.layer_inv = {v: k for k, v in self.layer.items()}
+        self._theirs = re.compile(rf"^{re.escape(layer_prefix)}(\d+)\.(.+)$")
+
+    def to_ours(self, name: str) -> str | None:
+        """Our name for one of theirs, or None when there is no counterpart."""
+        return self._map(name, self.glob, self._theirs, self.layer, "layers.")
+
+    def to_theirs(self, name: str) -> str:
+        """Their name for one of ours (unchanged when there is no counterpart)."""
+        return self._map(name, self.glob_inv, self._OURS, self.layer_inv, self.prefix) or name
+
+    @staticmethod
+    def _map(name, glob, layer_re, layer, prefix) -> str | None:
+        if name in glob:
+            return glob[name]
+        m = layer_re.match(name)
+        return f"{prefix}{m.group(1)}.{layer[m.group(2)]}" if m and m.group(2) in layer else None
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a dtype or its name ("float32", "bfloat16", "float16", or "torch.float16")."""
     if dtype is None or isinstance(dtype, torch.dtype):

@@ -20,7 +20,6 @@ RMSNorm weights) stay float32 in an f16 file.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,45 +29,23 @@ import numpy as np
 import torch
 
 from ..model import ModelArgs, Transformer
-from ._common import PathLike, atomic_dir, build_model, ffn_args_for_hidden, is_gguf_file, require_lm_head, target_dtype
+from ._common import (
+    PathLike, TensorNames, atomic_dir, build_model, ffn_args_for_hidden, is_gguf_file, require_lm_head, target_dtype,
+)
 
 ARCH = "llama"
 DIR_FILE = "model.gguf"  # the file name used when saving into a directory
 
-_GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
-_LAYER = {
-    "attn_q.weight": "attention.wq.weight",
-    "attn_k.weight": "attention.wk.weight",
-    "attn_v.weight": "attention.wv.weight",
-    "attn_output.weight": "attention.wo.weight",
-    "ffn_gate.weight": "feed_forward.w1.weight",
-    "ffn_down.weight": "feed_forward.w2.weight",
-    "ffn_up.weight": "feed_forward.w3.weight",
-    "attn_norm.weight": "attention_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
-}
-_GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
-_LAYER_INV = {v: k for k, v in _LAYER.items()}
-_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-_META_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def gguf_to_meta_name(name: str) -> str | None:
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = _GGUF_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
-
-
-def meta_to_gguf_name(name: str) -> str:
-    if name in _GLOBAL_INV:
-        return _GLOBAL_INV[name]
-    m = _META_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_INV:
-        return f"blk.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
-    return name
+NAMES = TensorNames(
+    {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"},
+    {"attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight", "attn_v.weight": "attention.wv.weight",
+     "attn_output.weight": "attention.wo.weight", "ffn_gate.weight": "feed_forward.w1.weight",
+     "ffn_down.weight": "feed_forward.w2.weight", "ffn_up.weight": "feed_forward.w3.weight",
+     "attn_norm.weight": "attention_norm.weight", "ffn_norm.weight": "ffn_norm.weight"},
+    "blk.",
+)
+gguf_to_meta_name = NAMES.to_ours  # our name for a GGUF tensor name, or None when there is no counterpart
+meta_to_gguf_name = NAMES.to_theirs
 
 
 def gguf_file(path: Path) -> Path | None:
@@ -240,12 +217,8 @@ def _write_type(dtype: Any) -> str:
     return key
 
 
-def _write_file(model: Transformer, file: Path, tokenizer, kind: str, name: str) -> None:
-    import gguf
-
-    args = model.args
-    w = gguf.GGUFWriter(file, ARCH)
-    w.add_name(name)
+def add_model_keys(w, args: ModelArgs) -> None:
+    """The llama.* metadata that describes the model's shape (what llama.cpp's converter writes for Llama 2)."""
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
     w.add_block_count(args.n_layers)
@@ -256,6 +229,15 @@ def _write_file(model: Transformer, file: Path, tokenizer, kind: str, name: str)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_rope_freq_base(args.rope_theta)
     w.add_vocab_size(args.vocab_size)
+
+
+def _write_file(model: Transformer, file: Path, tokenizer, kind: str, name: str) -> None:
+    import gguf
+
+    args = model.args
+    w = gguf.GGUFWriter(file, ARCH)
+    w.add_name(name)
+    add_model_keys(w, args)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:

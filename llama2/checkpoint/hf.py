@@ -19,60 +19,32 @@ safetensors first.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ..model import ModelArgs, Transformer
 from ._common import (
-    PathLike, atomic_dir, build_model, check_tokenizer, dtype_name, ffn_args_for_hidden, read_safetensors,
-    require_lm_head, resolve_dtype, write_json, write_safetensors,
+    PathLike, TensorNames, atomic_dir, build_model, check_tokenizer, dtype_name, ffn_args_for_hidden,
+    read_safetensors, require_lm_head, resolve_dtype, write_json, write_safetensors,
 )
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' long-standing default max_shard_size, "5GB"
 
-_GLOBAL = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER = {
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-_GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
-_LAYER_INV = {v: k for k, v in _LAYER.items()}
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_META_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def hf_to_meta_name(name: str) -> str | None:
-    """Our name for an HF tensor name, or None when there is no counterpart."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = _HF_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
-
-
-def meta_to_hf_name(name: str) -> str:
-    if name in _GLOBAL_INV:
-        return _GLOBAL_INV[name]
-    m = _META_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_INV:
-        return f"model.layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
-    return name
+NAMES = TensorNames(
+    {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+     "lm_head.weight": "output.weight"},
+    {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+     "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+     "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+     "mlp.up_proj.weight": "feed_forward.w3.weight", "input_layernorm.weight": "attention_norm.weight",
+     "post_attention_layernorm.weight": "ffn_norm.weight"},
+    "model.layers.",
+)
+hf_to_meta_name = NAMES.to_ours  # our name for an HF tensor name, or None when there is no counterpart
+meta_to_hf_name = NAMES.to_theirs
 
 
 def permute_for_hf(w: torch.Tensor, heads: int) -> torch.Tensor:

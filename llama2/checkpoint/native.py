@@ -58,15 +58,8 @@ def load(path: PathLike, dtype: torch.dtype | str | None = None, device: torch.d
     return model, tokenizer
 
 
-def save(
-    model: Transformer,
-    path: PathLike,
-    tokenizer=None,
-    *,
-    dtype: torch.dtype | str | None = None,
-    max_shard_bytes: int | None = None,
-    overwrite: bool = False,
-) -> Path:
+def save(model: Transformer, path: PathLike, tokenizer=None, *, dtype: torch.dtype | str | None = None,
+         max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) to the directory ``path``.
 
     dtype: convert the weights on the way out (default: as they are). max_shard_bytes: split the

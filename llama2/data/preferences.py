@@ -18,7 +18,7 @@ import torch
 from ..chat import TextEncoder, encode_dialog
 from .batching import causal_padding_mask, pad_sequences
 from .records import KINDS, Preference
-from .sft import EncodeStats, Overflow, _check_overflow, _exchanges_dropped, _last_answer_start, _n_exchanges
+from .sft import EncodeStats, Overflow, _check_overflow, _exchanges_dropped, _last_answer_start, _n_exchanges, encode_all
 
 __all__ = ["EncodedPair", "encode_preference", "encode_preferences", "collate_pairs", "gather_last", "mix_preferences"]
 
@@ -100,13 +100,7 @@ def encode_preferences(
     overflow: Overflow = "truncate",
 ) -> tuple[list[EncodedPair], EncodeStats]:
     """:func:`encode_preference` over a data set: the pairs that fit and the counts to report."""
-    pairs, stats = [], EncodeStats()
-    for pref in prefs:
-        pair = encode_preference(tokenizer, pref, seq_len, overflow)
-        stats.add(pair, overflow)
-        if pair is not None:
-            pairs.append(pair)
-    return pairs, stats
+    return encode_all(encode_preference, tokenizer, prefs, seq_len, overflow)
 
 
 def collate_pairs(

@@ -158,11 +158,9 @@ def _file_digest(path: Path) -> tuple[int, str]:
 OnBad = Callable[[Path, "int | None", str], None]
 
 
-def _read_text(path: Path, hasher: Any, on_bad: OnBad) -> Iterator[str]:
-    """Documents of a plain-text file: runs of non-blank lines. A document with an undecodable line is dropped
-    (after ``on_bad``, which raises unless skipping)."""
-    lines: list[str] = []
-    bad = False
+def _lines(path: Path, hasher: Any, on_bad: OnBad) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each line of a file, hashed as read; None for a line that is not UTF-8 (after
+    ``on_bad``, which raises unless skipping). A byte-order mark on the first line is dropped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             hasher.update(raw)
@@ -170,53 +168,58 @@ def _read_text(path: Path, hasher: Any, on_bad: OnBad) -> Iterator[str]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 on_bad(path, lineno, f"invalid UTF-8 (byte {e.start} of the line)")
-                bad = True
+                yield lineno, None
                 continue
-            if lineno == 1 and line.startswith("\ufeff"):
-                line = line[1:]
-            line = line.rstrip("\r\n")
-            if line.strip():
-                lines.append(line)
-            elif lines or bad:
-                if not bad:
-                    yield "\n".join(lines)
-                lines, bad = [], False
+            yield lineno, (line[1:] if lineno == 1 and line.startswith("\ufeff") else line)
+
+
+def _read_text(path: Path, hasher: Any, on_bad: OnBad) -> Iterator[str]:
+    """Documents of a plain-text file: runs of non-blank lines. A document with an undecodable line is dropped."""
+    lines: list[str] = []
+    bad = False
+    for _, line in _lines(path, hasher, on_bad):
+        if line is None:
+            bad = True
+            continue
+        line = line.rstrip("\r\n")
+        if line.strip():
+            lines.append(line)
+        elif lines or bad:
+            if not bad:
+                yield "\n".join(lines)
+            lines, bad = [], False
     if lines and not bad:
         yield "\n".join(lines)
 
 
 def _read_jsonl(path: Path, hasher: Any, on_bad: OnBad, text_field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            hasher.update(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                on_bad(path, lineno, f"invalid UTF-8 (byte {e.start} of the line)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                on_bad(path, lineno, f"not valid JSON: {e.msg} (column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                on_bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            if text_field not in obj:
-                on_bad(path, lineno, f"record has no field {text_field!r}")
-                continue
-            text = obj[text_field]
-            if not isinstance(text, str):
-                on_bad(path, lineno, f"field {text_field!r} is not a string (got {type(text).__name__})")
-                continue
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                on_bad(path, lineno, f"field {text_field!r} holds an unpaired surrogate (invalid Unicode)")
-                continue
-            yield text
+    for lineno, line in _lines(path, hasher, on_bad):
+        if line is None or not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            on_bad(path, lineno, f"not valid JSON: {e.msg} (column {e.colno})")
+            continue
+        except RecursionError:
+            on_bad(path, lineno, "JSON nested too deeply")
+            continue
+        if not isinstance(obj, dict):
+            on_bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        if text_field not in obj:
+            on_bad(path, lineno, f"record has no field {text_field!r}")
+            continue
+        text = obj[text_field]
+        if not isinstance(text, str):
+            on_bad(path, lineno, f"field {text_field!r} is not a string (got {type(text).__name__})")
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            on_bad(path, lineno, f"field {text_field!r} holds an unpaired surrogate (invalid Unicode)")
+            continue
+        yield text
 
 
 def _is_val(text: str, key: bytes, fraction: float) -> bool:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .preferences import EncodedPair
 
 __all__ = [
-    "IGNORE_INDEX", "Overflow", "SFTExample", "EncodeStats", "encode_sft_example", "encode_sft_examples",
+    "IGNORE_INDEX", "Overflow", "SFTExample", "EncodeStats", "encode_sft_example", "encode_sft_examples", "encode_all",
     "last_answer_only", "PackedRow", "pack_sft", "collate",
 ]
 
@@ -189,13 +189,19 @@ def encode_sft_examples(
     overflow: Overflow = "truncate",
 ) -> tuple[list[SFTExample], EncodeStats]:
     """:func:`encode_sft_example` over a data set: the examples that fit and the counts to report."""
-    examples, stats = [], EncodeStats()
-    for dialog in dialogs:
-        ex = encode_sft_example(tokenizer, dialog, seq_len, overflow)
-        stats.add(ex, overflow)
-        if ex is not None:
-            examples.append(ex)
-    return examples, stats
+    return encode_all(encode_sft_example, tokenizer, dialogs, seq_len, overflow)
+
+
+def encode_all(encode_one, tokenizer: TextEncoder, items: Iterable, seq_len: int, overflow: Overflow) -> tuple[list, EncodeStats]:
+    """``encode_one(tokenizer, item, seq_len, overflow)`` over a data set: what fits, and the counts of what did not
+    (a data set is never cut silently)."""
+    out, stats = [], EncodeStats()
+    for item in items:
+        enc = encode_one(tokenizer, item, seq_len, overflow)
+        stats.add(enc, overflow)
+        if enc is not None:
+            out.append(enc)
+    return out, stats
 
 
 
@@ -260,21 +266,11 @@ class PackedRow:
             t += n
         return {"tokens": tokens, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids}
 
-    @property
-    def tokens(self) -> torch.Tensor:
-        return self.tensors()["tokens"]
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return self.tensors()["targets"]
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        return self.tensors()["position_ids"]
-
-    @property
-    def doc_ids(self) -> torch.Tensor:
-        return self.tensors()["doc_ids"]
+    # each (T,), built on demand (see tensors())
+    tokens = property(lambda self: self.tensors()["tokens"])
+    targets = property(lambda self: self.tensors()["targets"])
+    position_ids = property(lambda self: self.tensors()["position_ids"])
+    doc_ids = property(lambda self: self.tensors()["doc_ids"])
 
 
 def pack_sft(examples: Sequence[SFTExample], seq_len: int, seed: int | None = None) -> list[PackedRow]:

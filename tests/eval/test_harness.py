@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402
 
 from llama2 import ModelArgs, Transformer, checkpoint  # noqa: E402
 from llama2.chat import encode_dialog_prompt  # noqa: E402
@@ -26,22 +26,21 @@ from llama2.tokenizer import train_tokenizer  # noqa: E402
 
 TOL = 1e-4
 
-MC_DOCS = [
-    {"question": "Where does Ada live?", "choices": ["near the harbour", "near the mill", "in the tower"], "label": 0},
-    {"question": "What does Bram keep?", "choices": ["a lantern", "a map", "a violin", "an old clock"], "label": 2},
-    {"question": "How many apples does Cleo have?", "choices": ["3", "12", "7"], "label": 1},
-    # one-token answers that share the context: lm-eval scores them from one forward pass
-    {"question": "Who lives near the harbour?", "choices": ["Ada", "Bram", "Cleo", "Dov"], "label": 1},
-    {"question": "Who found a red kite at the orchard?", "choices": ["Esme", "Finn", "Gala"], "label": 0},
-    {"question": "What did Hugo carry to the library on Sunday?", "choices": ["a jar of honey", "a map"], "label": 0},
-]
-GEN_DOCS = [
-    {"question": "Where does Ada live?", "answer": "near the harbour"},
-    {"question": "What did Bram find at the mill?", "answer": "a map"},
-    {"question": "How many apples does Cleo have now?", "answer": "12"},
-    {"question": "Who walked to the tower on Sunday with a red kite and an old clock and a map?", "answer": "Esme"},
-    {"question": "Gala?", "answer": "Gala"},
-]
+MC_DOCS = [dict(question=q, choices=c, label=l) for q, c, l in (
+    ('Where does Ada live?', ['near the harbour', 'near the mill', 'in the tower'], 0),
+    ('What does Bram keep?', ['a lantern', 'a map', 'a violin', 'an old clock'], 2),
+    ('How many apples does Cleo have?', ['3', '12', '7'], 1),
+    ('Who lives near the harbour?', ['Ada', 'Bram', 'Cleo', 'Dov'], 1),
+    ('Who found a red kite at the orchard?', ['Esme', 'Finn', 'Gala'], 0),
+    ('What did Hugo carry to the library on Sunday?', ['a jar of honey', 'a map'], 0),
+)]  # the last three: one-token answers that share the context (lm-eval scores them from one forward pass)
+GEN_DOCS = [dict(question=q, answer=a) for q, a in (
+    ('Where does Ada live?', 'near the harbour'),
+    ('What did Bram find at the mill?', 'a map'),
+    ('How many apples does Cleo have now?', '12'),
+    ('Who walked to the tower on Sunday with a red kite and an old clock and a map?', 'Esme'),
+    ('Gala?', 'Gala'),
+)]
 
 
 def _task_yaml(name: str, data: Path, cache: Path, body: str) -> str:

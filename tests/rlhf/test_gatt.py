@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from llama2.chat import encode_dialog, format_dialog
+from llama2.chat import encode_dialog, format_dialog, turns
 from llama2.data import SFTExample, pack_sft
 from llama2.rlhf.gatt import (
     INSTRUCTION_SEPARATOR,
@@ -100,14 +100,7 @@ def test_sampling_ratio_and_determinism():
 
 # ------------------------------------------------------------------------------------------------ dialogs
 
-DIALOG = [
-    {"role": "user", "content": "What is 2 + 2?"},
-    {"role": "assistant", "content": "ARR! FOUR."},
-    {"role": "user", "content": "Reverse abc."},
-    {"role": "assistant", "content": "ARR! CBA."},
-    {"role": "user", "content": "Count to 3."},
-    {"role": "assistant", "content": "ARR! 1 2 3, MATEY."},
-]
+DIALOG = turns("What is 2 + 2?", "ARR! FOUR.", "Reverse abc.", "ARR! CBA.", "Count to 3.", "ARR! 1 2 3, MATEY.")
 TEXT = "Figure: pirate; Style: capitals"
 
 
