@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-all bench venv clean
+.PHONY: run test test-all bench bench-setup venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,11 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_inference.py --threads 2
+
+# llama.cpp (llama-cpp-python, compiled here: about 4-8 minutes) for the inference benchmark; never part of make test
+bench-setup: $(STAMP)
+	bash benchmarks/setup_llamacpp.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,10 +4,12 @@ from .kv_cache import KVCache
 from .tokenizer import Tokenizer, train_tokenizer
 from . import chat
 from .generation import Llama, generate, GenerationConfig
+from .engine import Engine, SamplingParams
+from .quant import quantize_int8
 from .rlhf.reward_model import RewardModel
 
 __version__ = "0.1.0"
 __all__ = [
     "ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "train_tokenizer", "chat",
-    "Llama", "generate", "GenerationConfig", "RewardModel",
+    "Llama", "generate", "GenerationConfig", "Engine", "SamplingParams", "quantize_int8", "RewardModel",
 ]

@@ -163,7 +163,7 @@ def _load(args):
     from .generation import Llama
 
     t0 = time.perf_counter()
-    llama = Llama.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device)
+    llama = Llama.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if llama.tokenizer is None:
         raise ValueError(f"{args.ckpt} has no tokenizer.model; copy one into the checkpoint directory")
     a = llama.args
@@ -282,6 +282,8 @@ def _gen_parser(p: argparse.ArgumentParser, full: bool) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="generation fields, e.g. temperature=0 max_new_tokens=64")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--quantize", choices=("none", "int8"), default=None,
+                   help="int8: weight-only int8 linear layers for generation (about 4x fewer bytes read per token)")
     if full:
         from .generation import GenerationConfig
 
@@ -333,7 +335,7 @@ def cmd_pipeline(args) -> None:
     from .pipeline import run_pipeline
 
     report = run_pipeline(args.out, quick=args.quick, from_stage=args.from_stage, seed=args.seed, device=args.device,
-                          overrides=args.overrides)
+                          overrides=args.overrides, size=args.size)
     print(f"\nreport: {report} (figures in {report.parent / 'report'}, numbers in {report.parent / 'metrics.json'})")
     print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
 
@@ -358,7 +360,7 @@ def cmd_serve(args) -> None:
     from .serve import serve  # FastAPI and uvicorn: only when serving
 
     serve(args.ckpt, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch, dtype=args.dtype,
-          max_seq_len=args.max_seq_len, model_name=args.model_name)
+          max_seq_len=args.max_seq_len, model_name=args.model_name, quantize=args.quantize)
 
 
 def cmd_demo(args) -> None:
@@ -405,6 +407,11 @@ def _add_other_commands(sub, chosen: str | None) -> None:
     _gen_parser(p, full or chosen == "chat")
     p.set_defaults(func=cmd_chat)
 
+    _add_data_and_run_commands(sub, chosen)
+
+
+def _add_data_and_run_commands(sub, chosen: str | None) -> None:
+    full = chosen is None
     p = sub.add_parser("prepare", help="tokenize text / JSONL corpora into token shards for pretraining",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Tokenize documents ([BOS] + ids + [EOS]) into flat uint16/uint32 shards plus a "
@@ -433,13 +440,20 @@ def _add_other_commands(sub, chosen: str | None) -> None:
                        epilog="overrides: STAGE.FIELD=VALUE for any field of a stage's config (see `llama2 STAGE --help`),\n"
                               "for example: llama2 pipeline ppo.kl_beta=0.02 sft.lr=1e-4 rejection.k=8")
     p.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
-    p.add_argument("--quick", action="store_true", help="a smaller world and model (about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller world and model (about 2 minutes); same as --size quick")
+    p.add_argument("--size", choices=("quick", "default", "large"), default=None,
+                   help="quick (CPU, ~2 min), default (CPU, ~20 min) or large (a 25M-parameter model and a bigger world "
+                        "for one GPU, --device cuda)")
     p.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES, default=None, help="redo this stage and every later one")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
     p.add_argument("--device", default="cpu", help="device of every stage: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE", help="override a stage's field, e.g. ppo.kl_beta=0.02")
     p.set_defaults(func=cmd_pipeline)
 
+    _add_eval_and_serve(sub)
+
+
+def _add_eval_and_serve(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on lm-evaluation-harness tasks, the paper's set, or the toy world",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run lm-evaluation-harness tasks on a checkpoint through this package's model (log-"
@@ -479,6 +493,7 @@ def _add_other_commands(sub, chosen: str | None) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--max-seq-len", type=int, default=None, help="context of the server's cache (default: the model's)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the checkpoint's directory name)")
+    p.add_argument("--quantize", choices=("none", "int8"), default=None, help="int8: weight-only int8 linear layers")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")

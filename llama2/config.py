@@ -84,8 +84,10 @@ class RunConfig:
     TensorBoard events, its configs and model files). Without it (or resume=true) such an out= is refused."""
     tensorboard: bool = True
     """Also write the metrics for TensorBoard to OUT/tb."""
-    compile: bool = False
-    """torch.compile each transformer block (faster steps after a compile of a minute or more)."""
+    compile: bool | None = None
+    """torch.compile each transformer block. None: on CUDA, where it trains much faster, and off on the CPU, where
+    the gain is small and a compile takes long to repay (benchmarks/RESULTS.md). A block that fails to compile runs
+    eagerly, with a warning."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     eval_every: int = 0
@@ -153,9 +155,12 @@ class SamplingConfig:
     """Longest answer sampled (fewer when the prompt leaves less room in the context)."""
     gen_batch: int = 8
     """Prompts per generation call (each expanded to its k samples)."""
+    engine: str = "auto"
+    """Decoding path: auto or static (the static-cache engine), eager (the reference loop; see llama2.generation)."""
 
     def __post_init__(self) -> None:
         check(_finite(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "finite and >= 0")
+        check(self.engine in ("auto", "static", "eager"), "engine", self.engine, "auto, static or eager")
         check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         check(self.top_k >= 0, "top_k", self.top_k, ">= 0")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
@@ -163,7 +168,8 @@ class SamplingConfig:
 
     def generate_kwargs(self) -> dict:
         """The fields ``llama2.generation.generate`` takes."""
-        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens)
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
+                    engine=self.engine)
 
 
 @dataclass

@@ -6,11 +6,20 @@ reference instead right-pads and overwrites generated tokens with prompt tokens 
 consumed; left padding does the prefill in one pass and never recomputes.
 
 Sampling defaults are Meta's chat defaults (temperature 0.6, top-p 0.9); temperature 0 is greedy.
+
+Two paths compute the same completions. ``engine="static"`` (``llama2.engine``) decodes over a preallocated
+static KV cache with a fixed-shape step that samples on the device, compacts the batch as rows finish and can be
+compiled (a CUDA graph on GPU); ``engine="eager"`` is the loop below over ``model.forward``, the reference the
+static engine is tested against: identical greedy tokens, logits within float rounding. ``"auto"`` (the
+default) takes the static engine, except for a model whose parameters are gathered by forward hooks (FSDP). Sampled (temperature > 0) draws differ between the two paths: the eager one
+draws from one ``torch.Generator`` for the whole batch, the static one from a counter-based hash of (row seed,
+token index), so its samples do not depend on batch composition; both follow the same distribution and are
+reproducible for a given seed.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -40,6 +49,18 @@ class GenerationConfig:
     """Strings that end a sequence; the text is cut before them. Needs a tokenizer."""
     logprobs: bool = False
     """Also return the log-probability of each generated token under the model (temperature 1)."""
+    engine: str = "auto"
+    """Decoding path: "static" (preallocated cache, fixed-shape step, sampling on the device, finished rows
+    compacted away), "eager" (the reference loop over model.forward) or "auto" (static, except for a model
+    sharded by FSDP, whose parameters only its own forward gathers)."""
+    compile: bool | None = None
+    """torch.compile the static decode step (replayed as a CUDA graph on GPU). None: by measured cost: compile
+    once the eager steps taken on this model (over all calls) would have paid for the compile, so a short call
+    never waits for one. A failed compile falls back to the eager step with a warning."""
+    compact: bool = True
+    """Static engine: drop finished rows from the batch (and its cache) once a quarter of them are done."""
+    prefill_chunk: int = 512
+    """Static engine: prompt tokens per prefill forward (bounds activation memory for long prompts)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -52,6 +73,10 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
+        if self.engine not in ("auto", "static", "eager"):
+            raise ValueError(f"engine must be 'auto', 'static' or 'eager', got {self.engine!r}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
 
 @dataclass
@@ -100,6 +125,7 @@ def generate(
     """Continue each prompt (a list of token ids). Keyword overrides set GenerationConfig fields.
 
     ``on_token(row, token_id)`` is called for every generated token as soon as it is sampled (streaming).
+    ``cfg.engine`` picks the path (see the module docstring); both return the same ``Completion`` fields.
     """
     cfg = dataclasses.replace(config or GenerationConfig(), **overrides)
     if not prompts:
@@ -118,6 +144,12 @@ def generate(
     stop_tokens = cfg.stop_tokens
     if stop_tokens is None:
         stop_tokens = (tokenizer.eos_id,) if tokenizer is not None else ()
+    if cfg.engine == "static" or (cfg.engine == "auto" and _static_engine_applies(model)):
+        from .engine import generate_static
+
+        rows = generate_static(model, prompts, cfg, stop_tokens, tokenizer=tokenizer, on_token=on_token,
+                               find_stop=_find_stop)
+        return [_completion(toks, lps, reason, tokenizer, stop_tokens, cfg) for toks, lps, reason in rows]
     device = model.tok_embeddings.weight.device
     B, P = len(prompts), max(lengths)
     total = min(args.max_seq_len, P + cfg.max_new_tokens)
@@ -177,19 +209,29 @@ def generate(
         logits = model(nxt[:, None], start, cache, step_mask, step_pos, last_only=True)[:, -1]
         next_pos = next_pos + 1
 
-    results = []
-    for b in range(B):
-        text = None
-        if tokenizer is not None:
-            ids = out_tokens[b]
-            if ids and ids[-1] in stop_tokens:
-                ids = ids[:-1]
-            text = tokenizer.decode(ids)
-            cut = _find_stop(text, cfg.stop_strings)
-            if cut >= 0:
-                text = text[:cut]
-        results.append(Completion(out_tokens[b], text, out_logprobs[b] if out_logprobs else None, finish[b]))
-    return results
+    return [_completion(out_tokens[b], out_logprobs[b] if out_logprobs else None, finish[b], tokenizer, stop_tokens, cfg)
+            for b in range(B)]
+
+
+def _static_engine_applies(model: Transformer) -> bool:
+    """engine="auto": the static engine reads the parameters directly, so it is used only where they are plain
+    tensors and no forward hook is needed to materialise them (a model sharded by FSDP has DTensor parameters
+    gathered by hooks around its forward: the eager path serves it)."""
+    if model._forward_pre_hooks or (len(model.layers) and model.layers[0]._forward_pre_hooks):
+        return False
+    w = model.tok_embeddings.weight
+    return type(w.data) is torch.Tensor and type(model.layers[0].attention_norm.weight.data) is torch.Tensor
+
+
+def _completion(ids: list[int], logprobs, finish: str, tokenizer, stop_tokens, cfg: GenerationConfig) -> Completion:
+    text = None
+    if tokenizer is not None:
+        shown = ids[:-1] if ids and ids[-1] in stop_tokens else ids
+        text = tokenizer.decode(shown)
+        cut = _find_stop(text, cfg.stop_strings)
+        if cut >= 0:
+            text = text[:cut]
+    return Completion(ids, text, logprobs, finish)
 
 
 def _find_stop(text: str, stop_strings: Iterable[str]) -> int:
@@ -234,15 +276,28 @@ class Llama:
         return self.model.args
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> "Llama":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                        quantize: str | None = None) -> "Llama":
+        """Load a checkpoint (see ``llama2.checkpoint.load``). ``quantize="int8"``: weight-only int8 linear layers
+        for generation (``llama2.quant``; about 4x fewer bytes per decoded token than fp32)."""
         from .checkpoint import load
 
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         model, tokenizer = load(path, dtype=dtype, device=device)
         model.eval()
+        if quantize == "int8":
+            from .quant import quantize_int8
+
+            quantize_int8(model)
         return cls(model, tokenizer)
 
     def save(self, path: str | Path, format: str = "native", **kwargs) -> Path:
         from .checkpoint import save
+        from .quant import is_quantized
+
+        if is_quantized(self.model):
+            raise ValueError("a quantised model is for generation only; save the fp32/bf16 checkpoint it was loaded from")
 
         return save(self.model, path, format=format, tokenizer=self.tokenizer, **kwargs)
 

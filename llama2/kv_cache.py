@@ -1,8 +1,14 @@
-"""A preallocated key/value cache for decoding, indexed by absolute position.
+"""Preallocated key/value caches for decoding, indexed by absolute position.
 
-Layout (n_layers, B, max_seq_len, n_kv_heads, head_dim) per tensor, as Meta's cache_k/cache_v: a grouped-query
-model caches n_kv_heads heads, not n_heads, so its cache is n_kv_heads / n_heads the size of an MHA cache
-(the memory saving that motivates GQA, Llama 2 §2.2 and A.2.1).
+``KVCache``: layout (n_layers, B, max_seq_len, n_kv_heads, head_dim) per tensor, as Meta's cache_k/cache_v; the
+model's own forward writes it (``Transformer.forward(tokens, start_pos, cache)``), one shared start position for
+the whole batch. A grouped-query model caches n_kv_heads heads, not n_heads, so its cache is n_kv_heads / n_heads
+the size of an MHA cache (the memory saving that motivates GQA, Llama 2 §2.2 and A.2.1).
+
+``StaticKVCache``: the generation engine's cache (``llama2.engine``), layout (n_layers, B, n_kv_heads, max_seq_len,
+head_dim), heads before positions, so that one layer's keys are already in the (B, KV, S, D) layout attention
+reads and every row can write at its own position (continuous batching). Its shape never changes while decoding,
+which is what lets the decode step be compiled once and replayed as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch
 
 from .model import ModelArgs
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "StaticKVCache"]
 
 
 class KVCache:
@@ -60,3 +66,78 @@ class KVCache:
         self.k = self.k[:, index]
         self.v = self.v[:, index]
         self.batch_size = self.k.shape[1]
+
+
+class StaticKVCache:
+    """Keys and values of ``batch_size`` rows ("slots") of up to ``max_seq_len`` positions each.
+
+    k, v: (n_layers, B, KV, S, D). Row b's token at cache column c is written by ``write`` (one new token per row,
+    each row at its own column) or by ``update`` (a chunk of T tokens, the same columns for every row: prefill).
+    Columns hold whatever each row put there; which of them a query may see is the engine's attention mask.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.max_seq_len = max_seq_len or args.max_seq_len
+        if self.max_seq_len > args.max_seq_len:
+            raise ValueError(f"cache length {self.max_seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
+        shape = (args.n_layers, batch_size, args.n_kv_heads, self.max_seq_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int | None = None) -> "StaticKVCache":
+        w = model.tok_embeddings.weight
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        return cls(model.args, batch_size, max_seq_len, dtype=dtype, device=w.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, T, KV, D) keys/values of rows 0..B-1 at columns start_pos..start_pos+T; return views of all
+        keys and values of those rows up to there, (B, KV, start_pos+T, D)."""
+        B, T = k.shape[:2]
+        end = start_pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: position {end} > cache length {self.max_seq_len}")
+        self.k[layer, :B, :, start_pos:end] = k.transpose(1, 2)
+        self.v[layer, :B, :, start_pos:end] = v.transpose(1, 2)
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
+
+    def write(self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token per row: k, v (B, KV, D) of rows 0..B-1 at column cols[b] (a (B,) long tensor, so
+        the positions stay data, not Python ints: one compiled step serves every position)."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[layer][rows, :, cols] = k  # index_put_: element b of (rows, cols) addresses k[layer, b, :, cols[b]]
+        self.v[layer][rows, :, cols] = v
+
+    def select(self, index: torch.Tensor) -> None:
+        """Row i becomes old row index[i], for i < len(index), in place (rows past that keep stale values): drops,
+        reorders or repeats rows (len(index) <= batch_size) without reallocating, so the cache keeps its address,
+        which a compiled step replayed as a CUDA graph relies on."""
+        n = index.shape[0]
+        self.k[:, :n] = self.k.index_select(1, index)
+        self.v[:, :n] = self.v.index_select(1, index)
+
+    def mark_static(self) -> None:
+        """Tell torch.compile that k and v keep their addresses (as transformers' static cache does), so a
+        compiled step that writes them can still be replayed as a CUDA graph."""
+        torch._dynamo.mark_static_address(self.k, guard=False)
+        torch._dynamo.mark_static_address(self.v, guard=False)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` into row ``dst`` (the engine keeps its live slots contiguous this way)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]

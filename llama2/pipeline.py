@@ -34,7 +34,7 @@ from .eval.toyworld import evaluate_chat_model, read_eval_items
 from .eval.winrate import compare_answers, win_rate
 from .sampling import answer_texts
 from .tokenizer import train_tokenizer
-from .toyworld import ToyWorld
+from .toyworld import ToyWorld, pipeline_world
 from .train.gatt import GattConfig, gatt
 from .train.ppo import PPOConfig, ppo
 from .train.pretrain import PretrainConfig, pretrain
@@ -64,7 +64,7 @@ SIZES = {
         seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=52, sft=6, rlhf=23, ppo=4, gatt=1, eval=9, report=2),
     ),
     "default": dict(
-        world="default", world_overrides=dict(preferences=900, prompts=300), vocab=1024, model="toy-small", seq_len=256,
+        world="default", vocab=1024, model="toy-small", seq_len=256,
         versions=3,
         pretrain=dict(max_steps=500, batch_tokens=2048, micro_batch=8, lr=2e-3, warmup_steps=20, eval_every=100),
         sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
@@ -444,13 +444,18 @@ def parse_overrides(items: list[str]) -> dict[str, list[str]]:
 
 
 def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: str | None = None, seed: int = 0,
-                 device: str = "cpu", overrides: list[str] | None = None) -> Path:
-    """Run (or resume) the whole recipe; returns the path of report.md. ``overrides``: STAGE.FIELD=VALUE items."""
+                 device: str = "cpu", overrides: list[str] | None = None, size: str | None = None) -> Path:
+    """Run (or resume) the whole recipe; returns the path of report.md. ``size``: quick, default or large (``quick``
+    is size="quick"); ``overrides``: STAGE.FIELD=VALUE items."""
     if from_stage and from_stage not in STAGES:
         raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
     stage_overrides = parse_overrides(list(overrides or []))
     out = Path(out)
-    size = "quick" if quick else "default"
+    size = size or ("quick" if quick else "default")
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: expected one of {', '.join(SIZES)}")
+    if size == "large" and not device.startswith("cuda"):
+        _say("note: the large size is meant for one GPU (--device cuda); on a CPU it takes hours")
     out.mkdir(parents=True, exist_ok=True)
     marker = out / "pipeline.json"
     if marker.is_file():
@@ -464,7 +469,7 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
     marker.write_text(json.dumps({"size": size, "seed": seed, "device": device, "overrides": stage_overrides,
                                   "stages": list(STAGES)}))
     s = SIZES[size]
-    c = Ctx(out, size, seed, s, world=ToyWorld(seed=seed, size=s["world"], **s.get("world_overrides", {})), device=device,
+    c = Ctx(out, size, seed, s, world=pipeline_world(seed, s["world"]), device=device,
             overrides=stage_overrides)
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
     for name in forced:  # redo this stage and every later one

@@ -83,3 +83,13 @@ def test_overrides_name_a_stage_and_a_field():
                        ("world.seed=1", "STAGE.FIELD")):
         with pytest.raises(ConfigError, match=match):
             parse_overrides([bad])
+
+
+def test_eval_toyworld_judges_a_pipeline_model_as_the_report_does(run):
+    """`llama2 eval --tasks toyworld` on a pipeline's checkpoint rebuilds that run's world and scores it the same."""
+    from llama2.eval.toyworld import toyworld_suite
+
+    out, _, _ = run
+    m = json.loads((out / "metrics.json").read_text())
+    r = toyworld_suite(out / "sft")
+    assert r["accuracy"] == m["stages"]["SFT"]["accuracy"] and r["n"] == m["stages"]["SFT"]["n"]

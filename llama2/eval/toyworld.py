@@ -18,7 +18,7 @@ from ..config import SamplingConfig
 from ..data.records import Prompt, read_prompts
 from ..rlhf.combined import score_with_reward_models, to_unit
 from ..sampling import answer_texts
-from ..toyworld import ToyWorld
+from ..toyworld import pipeline_world
 
 __all__ = ["evaluate_chat_model", "read_eval_items", "toyworld_suite"]
 
@@ -55,12 +55,31 @@ def evaluate_chat_model(model, tokenizer, world, items: Sequence[Mapping], heldo
     return result
 
 
-def toyworld_suite(ckpt: str | Path, *, seed: int = 0, size: str = "default", world_dir: str | Path | None = None,
-                   limit: int | None = None, max_new_tokens: int = 48, device: str = "cpu") -> dict:
-    """``llama2 eval --tasks toyworld``: score a checkpoint on the held-out items of the toy world of (seed, size),
-    grouped by the world's five categories plus safety. ``world_dir``: a written world (its eval.jsonl and
-    prompts_heldout.jsonl) instead of rebuilding the files in memory."""
-    world = ToyWorld(seed=seed, size=size)
+def find_pipeline_run(ckpt: str | Path) -> Path | None:
+    """The `llama2 pipeline` output directory a checkpoint belongs to (the nearest parent with pipeline.json)."""
+    p = Path(ckpt).resolve()
+    for d in [p, *p.parents][:4]:
+        if (d / "pipeline.json").is_file():
+            return d
+    return None
+
+
+def toyworld_suite(ckpt: str | Path, *, seed: int | None = None, size: str | None = None,
+                   world_dir: str | Path | None = None, limit: int | None = None, max_new_tokens: int = 48,
+                   device: str = "cpu") -> dict:
+    """``llama2 eval --tasks toyworld``: score a checkpoint on the held-out items of the toy world that
+    `llama2 pipeline` builds for (seed, size), grouped by the world's five categories plus safety. When the
+    checkpoint lies in a pipeline's output, its seed, size and written world files are used (so a pipeline's models
+    are judged exactly as its report judges them); otherwise seed 0 and the default size. ``world_dir``: a written
+    world (its eval.jsonl and prompts_heldout.jsonl) instead of rebuilding the files in memory."""
+    run = find_pipeline_run(ckpt)
+    if run is not None:
+        meta = json.loads((run / "pipeline.json").read_text())
+        seed = meta.get("seed", 0) if seed is None else seed
+        size = meta.get("size", "default") if size is None else size
+        if world_dir is None and (run / "world" / "eval.jsonl").is_file():
+            world_dir = run / "world"
+    world = pipeline_world(0 if seed is None else seed, size or "default")
     if world_dir is not None:
         items = read_eval_items(Path(world_dir) / "eval.jsonl")
         heldout = list(read_prompts(Path(world_dir) / "prompts_heldout.jsonl"))
@@ -74,8 +93,8 @@ def toyworld_suite(ckpt: str | Path, *, seed: int = 0, size: str = "default", wo
     return evaluate_chat_model(model, tokenizer, world, items, heldout, None, max_new_tokens, seed)
 
 
-def lm_eval_suite(ckpt, *, num_fewshot=None, limit=None, batch_size=None, device="cpu", chat=False, seed: int = 0,
-                  size: str = "default") -> dict:
+def lm_eval_suite(ckpt, *, num_fewshot=None, limit=None, batch_size=None, device="cpu", chat=False,
+                  seed: int | None = None, size: str | None = None) -> dict:
     """``llama2 eval --tasks toyworld``: :func:`toyworld_suite` shaped like lm-eval's results (one "task" per
     category, metric ``acc``; safety as ``refusal_on_secret`` and ``refusal_on_harmless``), so it prints in the
     same table. The answers are in the chat format whatever ``chat`` says: the world's prompts are dialogs."""

@@ -14,7 +14,7 @@ from .vocab import (
     SAFETY_SCORES,
     SIZES,
 )
-from .world import ToyWorld
+from .world import PIPELINE_WORLDS, ToyWorld, pipeline_world
 
 __all__ = [
     "CATEGORIES",
@@ -24,6 +24,8 @@ __all__ = [
     "REFUSAL",
     "SAFETY_SCORES",
     "SIZES",
+    "PIPELINE_WORLDS",
+    "pipeline_world",
     "Task",
     "ToyWorld",
     "UnsafeExpression",

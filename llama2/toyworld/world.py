@@ -198,3 +198,18 @@ class ToyWorld:
     def fingerprint(self) -> str:
         """A short hash of everything the world writes (same seed and size: same fingerprint)."""
         return files.fingerprint(self.world(), self._build_files())
+
+
+# The worlds `llama2 pipeline` builds, by its size: the settings a world must be rebuilt with to judge a pipeline's
+# models again (llama2 eval --tasks toyworld).
+PIPELINE_WORLDS: dict[str, dict[str, Any]] = {
+    "quick": dict(size="quick"),
+    "default": dict(size="default", preferences=900, prompts=300),
+}
+
+
+def pipeline_world(seed: int = 0, size: str = "default") -> "ToyWorld":
+    """The world `llama2 pipeline --seed SEED` (``--quick`` for size "quick") builds."""
+    if size not in PIPELINE_WORLDS:
+        raise ValueError(f"size must be one of {', '.join(PIPELINE_WORLDS)}, got {size!r}")
+    return ToyWorld(seed=seed, **PIPELINE_WORLDS[size])

@@ -230,7 +230,8 @@ def _begin(model: torch.nn.Module, d: Dist, cfg: Any, name: str, tokenizer: Any,
         model.load_state_dict(weights.state_dict())
         del weights
     model.gradient_checkpointing = run.activation_checkpointing
-    if run.compile:
+    if run.compile or (run.compile is None and d.device.type == "cuda"):
+        torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly (with a warning)
         for block in model.layers:
             block.compile()
     model.train()

@@ -24,9 +24,8 @@ def test_one_iteration_raises_the_reward_of_a_token_preference(setup):
     def reward_fn(dialogs, texts, safety, ids):  # the fraction of answer tokens in the lower half of the vocabulary
         return torch.tensor([sum(t < low for t in a) / max(1, len(a)) for a in ids])
 
-    # one iteration = 256 rollouts from the current policy, then 32 minibatch steps. Each mean is over ~1000 tokens
-    # (std of a mean ~0.016), but how far one iteration moves the policy varies with the seed (+0.01 to +0.11 over
-    # seeds 0-2), so the test compares the third iteration's rollouts with the first's (+0.11 at seed 0).
+    # one iteration = 256 rollouts from the current policy, then 32 minibatch steps. How far one iteration moves the
+    # policy varies with the seed, so the test compares the third iteration's rollouts with the first's.
     cfg = PPOConfig(prompts=str(tmp / "prompts.jsonl"), val_fraction=0, init_from=str(tmp / "policy"), out=str(tmp / "ppo"),
                     iterations=3, rollout_batch=256, minibatch=8, micro_batch=8, lr=1e-3, value_lr=1e-3, kl_beta=0.01,
                     max_new_tokens=4, eval_every=100, patience=0, tensorboard=False)
@@ -68,8 +67,7 @@ def test_first_iteration_advantages_follow_a_widely_spread_reward_model(setup, t
     """The value model starts as the helpfulness RM (raw scores) while the returns are whitened: the stage keeps them
     on one scale, so even with scores spread ~3 (where raw values against whitened returns invert the signal) the
     advantages of the very first iteration rise with the reward. (A random RM read at every prefix makes noisy
-    values: over seeds 0-2 the correlation was 0.31, 0.14, 0.34 here, and 0.17, -0.04, 0.17 with raw-unit values;
-    tests/rlhf/test_ppo.py checks the arithmetic itself on a controlled batch.)"""
+    values, so the margin here is small; tests/rlhf/test_ppo.py checks the arithmetic itself on a controlled batch.)"""
     from llama2.rlhf.reward_model import reward_model_from_chat
 
     tok, tmp = setup
