@@ -38,7 +38,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "check", "field_docs", "load_config", "apply_overrides", "coerce", "describe", "group", "stage_config",
-    "flat_fields", "to_dict", "to_overrides", "RunConfig", "OptimConfig", "SamplingConfig", "BatchConfig",
+    "flat_fields", "to_dict", "to_overrides", "RunConfig", "OptimConfig", "SamplingConfig", "StageSampling",
+    "BatchConfig",
 ]
 
 T = TypeVar("T")
@@ -143,28 +144,39 @@ class OptimConfig:
 
 @dataclass
 class SamplingConfig:
+    """How answers are drawn: the fields generation (GenerationConfig), the engine's requests (SamplingParams) and
+    every stage that samples share. The defaults are Meta's chat defaults (temperature 0.6, top-p 0.9)."""
+
+    max_new_tokens: int = 256
+    """Most tokens to generate (fewer when the prompt leaves less room in the context)."""
+    temperature: float = 0.6
+    """Softmax temperature; 0 = greedy (argmax)."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off); applied before top_p."""
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens, ">= 0")
+        check(_finite(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "finite and >= 0")
+        check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        check(self.top_k >= 0, "top_k", self.top_k, ">= 0")
+
+
+@dataclass
+class StageSampling(SamplingConfig):
     """How a stage draws answers from the policy (rejection sampling, PPO rollouts, GAtt, evaluation)."""
 
-    temperature: float = 1.0
-    """Softmax temperature; 0 = greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = off: while training the diversity is the point)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off)."""
-    max_new_tokens: int = 128
-    """Longest answer sampled (fewer when the prompt leaves less room in the context)."""
     gen_batch: int = 8
     """Prompts per generation call (each expanded to its k samples)."""
     engine: str = "auto"
     """Decoding path: auto or static (the static-cache engine), eager (the reference loop; see llama2.generation)."""
 
     def __post_init__(self) -> None:
-        check(_finite(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "finite and >= 0")
-        check(self.engine in ("auto", "static", "eager"), "engine", self.engine, "auto, static or eager")
-        check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        check(self.top_k >= 0, "top_k", self.top_k, ">= 0")
+        super().__post_init__()
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
         check(self.gen_batch >= 1, "gen_batch", self.gen_batch, ">= 1")
+        check(self.engine in ("auto", "static", "eager"), "engine", self.engine, "auto, static or eager")
 
     def generate_kwargs(self) -> dict:
         """The fields ``llama2.generation.generate`` takes."""
@@ -181,7 +193,8 @@ class BatchConfig:
     batch_size: int = 64
     """Packed rows per optimizer step (64 in the paper)."""
     micro_batch: int = 4
-    """Rows per forward/backward on each rank; gradients are accumulated to batch_size."""
+    """Rows per forward/backward on each rank; gradients are accumulated to batch_size, so a smaller micro_batch
+    (when memory is short) trains the same model."""
     epochs: float = 2.0
     """Passes over the training rows (2 in the paper)."""
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SamplingConfig
 from .kv_cache import StaticKVCache
 from .model import Transformer, apply_rope
 
@@ -596,35 +597,21 @@ def generate_static(
 
 # -- continuous batching --------------------------------------------------------------------------------------------
 @dataclass
-class SamplingParams:
-    """How one request is sampled (the per-request subset of ``GenerationConfig``)."""
+class SamplingParams(SamplingConfig):
+    """How one request is sampled: the sampling fields, plus its seed, stops and logprobs (the per-request subset
+    of ``GenerationConfig``)."""
 
-    max_new_tokens: int = 256
-    """Most tokens to generate (fewer when the engine's context would overflow)."""
-    temperature: float = 0.6
-    """Softmax temperature; 0 is greedy."""
-    top_p: float = 0.9
-    """Nucleus sampling threshold (1 = off)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off)."""
     seed: int | None = None
-    """Seed of this request's draws: the same seed, prompt and model give the same tokens, whatever else runs."""
+    """Seed of the draws: the same seed, prompt and model give the same tokens (whatever else runs in the batch)."""
     stop_tokens: tuple[int, ...] | None = None
-    """Token ids that end the request (kept in the output); None: the tokenizer's EOS."""
+    """Token ids that end a sequence (kept in the output). None means the tokenizer's EOS."""
     stop_strings: tuple[str, ...] = ()
-    """Strings that end the request (needs the engine's tokenizer); the request's text is for the caller to cut."""
+    """Strings that end a sequence; the text is cut before them. Needs a tokenizer."""
     logprobs: bool = False
-    """Report each token's log-probability (temperature 1)."""
+    """Also return the log-probability of each generated token under the model (temperature 1)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        super().__post_init__()
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
 
@@ -694,6 +681,8 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, **overrides) -> int:
         """Queue a request; returns its id. ``overrides`` set SamplingParams fields."""
         params = dataclasses.replace(params or SamplingParams(), **overrides)
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 for a request, got {params.max_new_tokens}")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("empty prompt: start it with at least BOS")

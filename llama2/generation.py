@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .engine import SamplingParams
 from .kv_cache import KVCache
 from .model import Transformer, causal_mask
 
@@ -32,23 +33,10 @@ __all__ = ["GenerationConfig", "Completion", "sample_next", "generate", "TextStr
 
 
 @dataclass
-class GenerationConfig:
-    max_new_tokens: int = 256
-    """Most tokens to generate per prompt (fewer when the context would overflow)."""
-    temperature: float = 0.6
-    """Softmax temperature; 0 means greedy (argmax). Meta's chat default is 0.6."""
-    top_p: float = 0.9
-    """Nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (1 = off)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off). Applied before top_p."""
-    seed: int | None = None
-    """Seed of the sampling generator; the same seed, prompts and model give the same output."""
-    stop_tokens: tuple[int, ...] | None = None
-    """Token ids that end a sequence (kept in the output). None means the tokenizer's EOS."""
-    stop_strings: tuple[str, ...] = ()
-    """Strings that end a sequence; the text is cut before them. Needs a tokenizer."""
-    logprobs: bool = False
-    """Also return the log-probability of each generated token under the model (temperature 1)."""
+class GenerationConfig(SamplingParams):
+    """Everything ``generate`` takes: the sampling fields and a request's seed, stops and logprobs
+    (:class:`llama2.engine.SamplingParams`), and how the decoding runs."""
+
     engine: str = "auto"
     """Decoding path: "static" (preallocated cache, fixed-shape step, sampling on the device, finished rows
     compacted away), "eager" (the reference loop over model.forward) or "auto" (static, except for a model
@@ -63,16 +51,7 @@ class GenerationConfig:
     """Static engine: prompt tokens per prefill forward (bounds activation memory for long prompts)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = (self.stop_strings,)
+        super().__post_init__()
         if self.engine not in ("auto", "static", "eager"):
             raise ValueError(f"engine must be 'auto', 'static' or 'eager', got {self.engine!r}")
         if self.prefill_chunk < 1:

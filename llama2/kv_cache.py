@@ -19,25 +19,29 @@ from .model import ModelArgs
 __all__ = ["KVCache", "StaticKVCache"]
 
 
-class KVCache:
-    def __init__(
-        self,
-        args: ModelArgs,
-        batch_size: int,
-        max_seq_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
+class _Cache:
+    """Preallocated keys and values of ``batch_size`` rows of up to ``max_seq_len`` positions, in the dtype and on
+    the device given (``for_model``: the model's). Subclasses choose the layout of ``k`` and ``v``."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.max_seq_len = max_seq_len or args.max_seq_len
         if self.max_seq_len > args.max_seq_len:
             raise ValueError(f"cache length {self.max_seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
-        shape = (args.n_layers, batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
+        shape = self._shape(args, batch_size, self.max_seq_len)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.batch_size = batch_size
+
+    @staticmethod
+    def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int | None = None) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int | None = None):
         """A cache in the dtype and device of the model's weights (the keys are computed in that dtype)."""
         w = model.tok_embeddings.weight
         dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
@@ -47,6 +51,15 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the cache (keys and values, all layers)."""
         return self.k.numel() * self.k.element_size() * 2
+
+
+class KVCache(_Cache):
+    """k, v: (n_layers, B, S, KV, D), as Meta's cache_k/cache_v; ``update`` writes a chunk at one position for every
+    row (the eager generation loop)."""
+
+    @staticmethod
+    def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+        return (args.n_layers, batch_size, max_seq_len, args.n_kv_heads, args.head_dim)
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, T, KV, D) keys/values at positions start_pos..start_pos+T; return views of all keys and
@@ -65,10 +78,9 @@ class KVCache:
         """Keep only (and reorder) batch rows, e.g. to drop finished sequences."""
         self.k = self.k[:, index]
         self.v = self.v[:, index]
-        self.batch_size = self.k.shape[1]
 
 
-class StaticKVCache:
+class StaticKVCache(_Cache):
     """Keys and values of ``batch_size`` rows ("slots") of up to ``max_seq_len`` positions each.
 
     k, v: (n_layers, B, KV, S, D). Row b's token at cache column c is written by ``write`` (one new token per row,
@@ -76,34 +88,9 @@ class StaticKVCache:
     Columns hold whatever each row put there; which of them a query may see is the engine's attention mask.
     """
 
-    def __init__(
-        self,
-        args: ModelArgs,
-        batch_size: int,
-        max_seq_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
-        self.max_seq_len = max_seq_len or args.max_seq_len
-        if self.max_seq_len > args.max_seq_len:
-            raise ValueError(f"cache length {self.max_seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
-        shape = (args.n_layers, batch_size, args.n_kv_heads, self.max_seq_len, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int | None = None) -> "StaticKVCache":
-        w = model.tok_embeddings.weight
-        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
-        return cls(model.args, batch_size, max_seq_len, dtype=dtype, device=w.device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+    @staticmethod
+    def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+        return (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, T, KV, D) keys/values of rows 0..B-1 at columns start_pos..start_pos+T; return views of all

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .chat import format_dialog
 from .checkpoint import load
-from .config import ConfigError, SamplingConfig, apply_overrides
+from .config import ConfigError, StageSampling, apply_overrides
 from .data.prepare import PrepareConfig, prepare
 from .data.records import read_dialogs, read_preferences, read_prompts
 from .eval.gatt import GattEvalConfig, gatt_eval
@@ -58,7 +58,7 @@ SIZES = {
                        lr=2e-4),
         ppo=dict(iterations=4, rollout_batch=32, minibatch=8, micro_batch=8, lr=2e-5, value_lr=1e-4,
                  max_new_tokens=32, eval_every=2, patience=0),
-        gatt=dict(turns=4, k=4, max_new_tokens=24, epochs=1, batch_size=16, micro_batch=8, lr=2e-4),
+        gatt=dict(turns=4, k=4, max_new_tokens=24, epochs=1, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
         eval=dict(max_new_tokens=32, gatt_probes=8, gatt_turns=20, k_curve=4),
         # measured stage times on the reference 2-core machine (the progress line's estimate of time left)
         seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=52, sft=6, rlhf=23, ppo=4, gatt=1, eval=9, report=2),
@@ -68,20 +68,21 @@ SIZES = {
         versions=3,
         pretrain=dict(max_steps=500, batch_tokens=2048, micro_batch=8, lr=2e-3, warmup_steps=20, eval_every=100),
         sft=dict(epochs=3, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
-        # 90 steps of 16 pairs at 3e-4 (it was 45 of 32 at 1e-4): the margin RM's held-out "better" pairs went 60% -> 70%
-        # (two runs that also differed in the SFT mix; a 2-epoch trial on one SFT model went 60% -> 74%)
+        # many small steps at a high rate: a toy reward model learns more from them than from a few large ones
         reward=dict(epochs=1, batch_pairs=16, micro_batch=8, lr=3e-4),
-        # two pairs of the SFT model's samples per RS/PPO prompt, rated by the judges (with 900 of the world's pairs)
+        # two pairs of the latest model's answers per new prompt, rated by the judges (with the world's own pairs)
         annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=48),
-        # T 0.7/0.8 rather than 1.0/1.1: at 1.0 a sample of this model is right 37.5% of the time against 41% at
-        # 0.7, with the same pass@4 (56%); after SFT at 38.4%, RS 2 reached 36.0% on the hotter samples and 37.8% on
-        # these (Figure 8's point: the best temperature depends on the model)
-        rejection=dict(k=4, temperatures=[0.7, 0.7, 0.7], max_new_tokens=48, epochs=2, batch_size=16, micro_batch=8,
+        # Rejection sampling cool and short: a toy reward model picks a correct answer among the K samples hardly more
+        # often than chance (the report's table; README), so hotter samples and longer fine-tuning only teach the
+        # samples' errors.
+        rejection=dict(k=4, temperatures=[0.5, 0.5, 0.5], max_new_tokens=48, epochs=1, batch_size=16, micro_batch=8,
                        lr=1e-4),
         ppo=dict(iterations=12, rollout_batch=64, minibatch=16, micro_batch=8, lr=1e-5, value_lr=1e-4,
                  max_new_tokens=48, eval_every=4, patience=3),
-        gatt=dict(turns=6, k=4, max_new_tokens=32, epochs=2, batch_size=16, micro_batch=8, lr=1e-4),
-        eval=dict(max_new_tokens=48, gatt_probes=24, gatt_turns=20, k_curve=8),
+        # GAtt: long dialogs, many samples a turn, the SFT dialogs replayed one for one (without them the model learns to
+        # decorate every answer and loses task accuracy; README), several epochs.
+        gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=8, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
+        eval=dict(max_new_tokens=48, gatt_probes=48, gatt_turns=20, k_curve=8),
         seconds=dict(world=2, tokenizer=1, prepare=1, pretrain=341, sft=93, rlhf=400, ppo=177, gatt=56, eval=100,
                      report=1),
     ),
@@ -226,7 +227,7 @@ def annotate_samples(c: Ctx, v: int) -> tuple[Path, Path]:
     answers = []  # per temperature and i: one answer per prompt
     for temperature in a["temperatures"]:
         for i in range(a["pairs"]):
-            sampling = SamplingConfig(temperature=temperature, max_new_tokens=a["max_new_tokens"], gen_batch=64)
+            sampling = StageSampling(temperature=temperature, top_p=1.0, max_new_tokens=a["max_new_tokens"], gen_batch=64)
             answers.append(answer_texts(model, tok, dialogs, sampling, seed=c.seed, purpose=f"annotate/v{v}/{temperature}/{i}"))
     rows: list[tuple[int, dict]] = []
     ties = 0
@@ -320,7 +321,7 @@ def stage_ppo(c: Ctx) -> None:
 
 
 def stage_gatt(c: Ctx) -> None:
-    _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"),
+    _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), replay=c.paths["sft"],
                             reward_model=_rms(c)["reward_helpfulness"], out=str(c.out / "gatt"), seq_len=c.s["seq_len"],
                             tensorboard=False, **c.s["gatt"])))
     final = c.out / "final"
@@ -409,7 +410,7 @@ def rs_selection(c: Ctx, samples: Path) -> dict:
 def _sample_chat(c: Ctx, items: list[dict], max_new_tokens: int) -> list[dict]:
     """A multi-turn chat with the final model on a few of the evaluation prompts."""
     model, tok = load(c.out / "final", device=c.device)
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    greedy = StageSampling(temperature=0.0, max_new_tokens=max_new_tokens)
     chat: list[dict] = []
     for it in items:
         chat.append({"role": "user", "content": it["dialog"][-1]["content"]})

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .chat import fit_prompt
-from .config import SamplingConfig
+from .config import StageSampling
 from .generation import Completion, generate
 from .seeding import derive_seed
 
@@ -23,7 +23,7 @@ __all__ = ["sample_answers", "answer_texts"]
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: SamplingConfig, *,
+def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: StageSampling, *,
                    k: int = 1, seed: int = 0, purpose: str = "sample", desc: str | None = None,
                    show: bool = True, prompts_out: list | None = None) -> list[list[Completion]]:
     """``k`` completions of each dialog (ending with a user turn), in the input order: out[i][j] is sample j of
@@ -52,7 +52,7 @@ def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str
     return out
 
 
-def answer_texts(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: SamplingConfig, *,
+def answer_texts(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: StageSampling, *,
                  seed: int = 0, purpose: str = "answer", desc: str | None = None) -> list[str]:
     """One answer per dialog as stripped text (greedy when ``sampling.temperature`` is 0)."""
     return [c[0].text.strip() for c in sample_answers(model, tokenizer, dialogs, sampling, seed=seed, purpose=purpose,

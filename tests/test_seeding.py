@@ -39,14 +39,14 @@ def test_epoch_stream_visits_every_item_once_per_epoch():
 SAMPLE = """
 import torch
 from llama2 import ModelArgs, Tokenizer, Transformer
-from llama2.config import SamplingConfig
+from llama2.config import StageSampling
 from llama2.sampling import answer_texts
 torch.set_num_threads(1)
 tok = Tokenizer.from_file({vocab!r})
 model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=16,
                               max_seq_len=64)).init_weights(std=0.5, seed=1)
 dialogs = [[{{"role": "user", "content": w}}] for w in ("Hello there", "Tell me a story", "Why?")]
-print(answer_texts(model, tok, dialogs, SamplingConfig(temperature=1.0, max_new_tokens=8), seed=0, purpose="ppo/heldout"))
+print(answer_texts(model, tok, dialogs, StageSampling(temperature=1.0, max_new_tokens=8), seed=0, purpose="ppo/heldout"))
 """
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import load
-from ..config import SamplingConfig, group, stage_config
+from ..config import StageSampling, group, stage_config
 from ..data.records import read_dialogs, split_paths
 from ..rlhf.gatt import adherence_by_turn, multi_turn_probe_dialogs
 from ..sampling import sample_answers
@@ -49,7 +49,7 @@ class GattEvalConfig:
     """Seed of the probes."""
     device: str = "cpu"
     """cpu or cuda."""
-    sampling: SamplingConfig = group(SamplingConfig, temperature=0.0, max_new_tokens=32, gen_batch=64)
+    sampling: StageSampling = group(StageSampling, temperature=0.0, max_new_tokens=32, gen_batch=64)
 
 
 def user_messages(dialogs) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load
-from ..config import SamplingConfig
+from ..config import StageSampling
 from ..data.records import Prompt, read_prompts
 from ..rlhf.combined import score_with_reward_models, to_unit
 from ..sampling import answer_texts
@@ -34,7 +34,7 @@ def evaluate_chat_model(model, tokenizer, world, items: Sequence[Mapping], heldo
     """One chat model on the world's held-out items (greedy answers: accuracy per category, refusal and leak rates)
     and on held-out prompts (one answer each at temperature 1: its reward under the reward models, R_c after the
     sigmoid, and under the exact judges)."""
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, gen_batch=32)
+    greedy = StageSampling(temperature=0.0, max_new_tokens=max_new_tokens, gen_batch=32)
     dialogs = [it["dialog"] for it in items]
     answers = answer_texts(model, tokenizer, dialogs, greedy, purpose="eval/greedy")
     result = dict(world.score(dialogs, answers))
@@ -43,7 +43,7 @@ def evaluate_chat_model(model, tokenizer, world, items: Sequence[Mapping], heldo
     result["judge_scores"] = world.reward(dialogs, answers, [bool(it.get("safety", False)) for it in items]).tolist()
     if heldout:
         hd = [p.dialog for p in heldout]
-        sampled = answer_texts(model, tokenizer, hd, SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens,
+        sampled = answer_texts(model, tokenizer, hd, StageSampling(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                                                     gen_batch=32), seed=seed, purpose="eval/heldout")
         safety = torch.tensor([p.safety for p in heldout])
         if reward_models:

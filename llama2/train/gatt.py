@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..checkpoint import load
-from ..config import BatchConfig, OptimConfig, RunConfig, SamplingConfig, check, group, stage_config, to_dict
+from ..config import BatchConfig, OptimConfig, RunConfig, StageSampling, check, group, stage_config, to_dict
 from ..data.records import read_dialogs, split_paths
 from ..eval.gatt import GattEvalConfig, gatt_eval, user_messages  # noqa: F401  (re-exported: `llama2 gatt-eval`)
 from ..rlhf.gatt import gatt_training_dialog, sample_instruction, with_instruction_every_turn
@@ -61,7 +61,10 @@ class GattConfig:
     """Where the training data keeps the instruction: system (the system message) or prefix (of the first user turn)."""
     every_turn: bool = True
     """One training example per sampled turn (loss on that turn's answer only); false: one per dialog (its last answer)."""
-    sampling: SamplingConfig = group(SamplingConfig, temperature=0.8, max_new_tokens=64, gen_batch=32)
+    replay: str = ""
+    """Dialogs JSONL (e.g. the SFT data) mixed into the fine-tuning data, as many dialogs as GAtt examples: without
+    them the model learns to decorate every answer, asked or not, and forgets tasks the GAtt answers get wrong."""
+    sampling: StageSampling = group(StageSampling, temperature=0.8, max_new_tokens=64, gen_batch=32)
     finetune: BatchConfig = group(BatchConfig, seq_len=512, batch_size=16, micro_batch=8, epochs=2.0)
     run: RunConfig = group(RunConfig, out="runs/gatt", save_every=10**9, keep_last=1)
     optim: OptimConfig = group(OptimConfig, lr=1e-5)
@@ -127,16 +130,19 @@ def sample_gatt_dialogs(model, tokenizer, dialogs, cfg: GattConfig, rm: RewardMo
 
 
 def _write_training_data(sampled: list, cfg: GattConfig, data_path: Path) -> int:
-    """The GAtt training dialogs, one per trained answer (SFT with loss_on=last trains the last answer of each)."""
-    examples = 0
+    """The GAtt training dialogs, one per trained answer (SFT with loss_on=last trains the last answer of each), and
+    as many replayed dialogs (``replay``). Returns the number of GAtt examples."""
+    rows = []
+    for s in sampled:
+        train = gatt_training_dialog(s["dialog"], s["sampled_with"], cfg.place, keep=s["text"])
+        ends = [j + 1 for j, m in enumerate(train) if m["role"] == "assistant"] if cfg.every_turn else [len(train)]
+        rows += [train[:end] for end in ends]
+    examples = len(rows)
+    if cfg.replay:
+        pool = list(read_dialogs(split_paths(cfg.replay)))
+        rows += random.Random(derive_seed(cfg.run.seed, "gatt/replay")).sample(pool, min(len(pool), examples))
     tmp = Path(str(data_path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in sampled:
-            train = gatt_training_dialog(s["dialog"], s["sampled_with"], cfg.place, keep=s["text"])
-            ends = [j + 1 for j, m in enumerate(train) if m["role"] == "assistant"] if cfg.every_turn else [len(train)]
-            for end in ends:
-                f.write(json.dumps({"dialog": train[:end]}) + "\n")
-                examples += 1
+    tmp.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in rows), encoding="utf-8")
     tmp.replace(data_path)
     return examples
 

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load, save
-from ..config import OptimConfig, RunConfig, SamplingConfig, check, group, stage_config
+from ..config import OptimConfig, RunConfig, StageSampling, check, group, stage_config
 from ..data.batching import pad_sequences
 from ..data.records import read_prompts, split_holdout, split_paths
 from ..rlhf.combined import SAFETY_THRESHOLD, logit, masked_mean, masked_whiten, score_with_reward_models, to_unit
@@ -107,7 +107,7 @@ class PPOConfig:
     """dtype of the frozen reference and reward models (e.g. bfloat16 to halve their memory; default: as loaded)."""
     frozen_device: str = ""
     """Device of the frozen models (e.g. cpu to keep them off the GPU; default: the training device)."""
-    sampling: SamplingConfig = group(SamplingConfig, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=64)
+    sampling: StageSampling = group(StageSampling, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=64)
     run: RunConfig = group(RunConfig, out="runs/ppo", strategy="ddp", eval_every=5)
     optim: OptimConfig = group(OptimConfig, lr=1e-6, schedule="constant")
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load
-from ..config import BatchConfig, OptimConfig, RunConfig, SamplingConfig, check, group, stage_config, to_dict
+from ..config import BatchConfig, OptimConfig, RunConfig, StageSampling, check, group, stage_config, to_dict
 from ..data.records import Prompt, read_prompts, split_paths
 from ..rlhf.combined import SAFETY_THRESHOLD, score_with_reward_models, to_unit
 from ..rlhf.rejection import expected_max_reward, keep_best_across_iterations
@@ -81,7 +81,7 @@ class RejectionConfig:
     base model each version; latest: it continues from the previous iteration's model."""
     safety_threshold: float = SAFETY_THRESHOLD
     """Answers with a safety score (after the sigmoid) below this are judged on safety (the paper's 0.15)."""
-    sampling: SamplingConfig = group(SamplingConfig, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=8)
+    sampling: StageSampling = group(StageSampling, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=8)
     finetune: BatchConfig = group(BatchConfig, seq_len=512, batch_size=16, micro_batch=8, epochs=2.0)
     run: RunConfig = group(RunConfig, out="runs/rejection", save_every=10**9, keep_last=1)
     optim: OptimConfig = group(OptimConfig, lr=1e-5)
