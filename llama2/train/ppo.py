@@ -212,6 +212,24 @@ def _logprobs(model, tokens, mask, autocast, entropy: bool = False):
     return lp, (entropy_from_logits(logits[:, :-1].detach(), mask) if entropy else None)
 
 
+def row_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) each rollout's length in tokens (prompt + answer) from its target mask (B, L - 1), on the CPU."""
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask * pos).amax(1).long().cpu() + 1
+
+
+def _by_length(ro: Rollouts, chunk: int, fn) -> torch.Tensor:
+    """fn (tokens (b, n) -> (b, n - 1)) over the rollouts in chunks of rows of similar length, each chunk cut to its
+    longest row, put back in order and zero past each chunk's cut: what fn(ro.tokens) gives on the mask, for the
+    compute of the rows' own lengths (the models are causal, so logits before a cut do not change)."""
+    lengths = row_lengths(ro.mask)
+    out = torch.zeros(ro.mask.shape, device=ro.tokens.device)
+    for idx in torch.argsort(lengths, stable=True).split(chunk):
+        n = int(lengths[idx].max())
+        out[idx, : n - 1] = fn(ro.tokens[idx, :n]).to(out.device, torch.float32)
+    return out
+
+
 def _values(model, tokens, autocast):
     with autocast:
         return model(tokens)[:, :-1].float()  # (B, L-1): the value of the state before each target token
@@ -230,12 +248,12 @@ def _batch_scale(score: torch.Tensor, d: Dist) -> tuple[float, float]:
 def _advantages(cfg: PPOConfig, m: Models, ro: Rollouts) -> dict:
     """Old log-probs, reference log-probs, old values, then eq. 4's per-token rewards with R~_c = WHITEN(LOGIT(R_c)),
     GAE advantages (whitened) and returns, with the value model on the scores' scale (whitened_advantages)."""
-    ac = m.session.autocast
-    old_lp, _ = _logprobs(m.session.model, ro.tokens, ro.mask, ac)
-    ref_lp, _ = _logprobs(m.reference, ro.tokens.to(m.frozen_device), ro.mask.to(m.frozen_device), ac)
-    ref_lp = ref_lp.to(ro.tokens.device)
+    ac, chunk = m.session.autocast, max(cfg.micro_batch, 1)
+    old_lp = _by_length(ro, chunk, lambda t: _logprobs(m.session.model, t, None, ac)[0])
+    ref_lp = _by_length(ro, chunk, lambda t: _logprobs(m.reference, t.to(m.frozen_device), None, ac)[0])
+    values = _by_length(ro, chunk, lambda t: _values(m.value, t, ac))
     scale = _batch_scale(ro.score, m.session.d)
-    w = whitened_advantages(ro.score.to(ro.tokens.device), _values(m.value, ro.tokens, ac), old_lp, ref_lp, ro.mask,
+    w = whitened_advantages(ro.score.to(ro.tokens.device), values, old_lp, ref_lp, ro.mask,
                             cfg.kl_beta, cfg.gamma, cfg.lam, scale)
     adv = masked_whiten(w["advantages"], ro.mask)
     kl = kl_penalty(old_lp, ref_lp, ro.mask).sum(1).mean()  # per answer
@@ -252,20 +270,30 @@ def _update(cfg: PPOConfig, m: Models, ro: Rollouts, a: dict, seed: int) -> dict
     per_rank = ro.tokens.shape[0]
     mb_rank = cfg.minibatch // d.world
     order = torch.randperm(per_rank, generator=generator(seed, "ppo/order"))
+    # each row's length (prompt + answer): a micro-batch is cut to its longest row, and a minibatch's rows are grouped
+    # by length, so padding costs no compute (the models are causal: the logits before the cut are unchanged)
+    lengths = row_lengths(ro.mask)
     stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     n_mb = per_rank // mb_rank
     for mb in range(n_mb):
         idx_mb = order[mb * mb_rank : (mb + 1) * mb_rank]
+        idx_mb = idx_mb[torch.argsort(lengths[idx_mb], stable=True)]
         micros = [idx_mb[j : j + cfg.micro_batch] for j in range(0, mb_rank, cfg.micro_batch)]
 
+        def cut(idx):
+            n = int(lengths[idx].max())
+            return ro.tokens[idx, :n], slice(0, n - 1)
+
         def policy_loss(idx):
-            lp, ent = _logprobs(s.model, ro.tokens[idx], ro.mask[idx], s.autocast, entropy=True)
-            pl, st = ppo_policy_loss(lp, a["old_lp"][idx], a["adv"][idx], ro.mask[idx], cfg.clip)
+            tokens, t = cut(idx)
+            lp, ent = _logprobs(s.model, tokens, ro.mask[idx, t], s.autocast, entropy=True)
+            pl, st = ppo_policy_loss(lp, a["old_lp"][idx, t], a["adv"][idx, t], ro.mask[idx, t], cfg.clip)
             return pl * len(idx), {"clip_fraction": float(st["clip_fraction"]) * len(idx), "entropy": float(ent) * len(idx)}
 
         def value_loss_fn(idx):  # the value model predicts raw scores; its loss is on the whitened scale
-            v = to_whitened(_values(m.value, ro.tokens[idx], s.autocast), a["scale"])
-            return value_loss(v, a["old_v"][idx], a["returns"][idx], ro.mask[idx], cfg.clip) * len(idx), {}
+            tokens, t = cut(idx)
+            v = to_whitened(_values(m.value, tokens, s.autocast), a["scale"])
+            return value_loss(v, a["old_v"][idx, t], a["returns"][idx, t], ro.mask[idx, t], cfg.clip) * len(idx), {}
 
         rp = accumulate(s, micros, policy_loss, cfg.minibatch)
         rv = accumulate(s, micros, value_loss_fn, cfg.minibatch, model=m.value, optimizer=m.value_opt)

@@ -82,3 +82,30 @@ def test_first_iteration_advantages_follow_a_widely_spread_reward_model(setup, t
     print({k: round(v, 3) for k, v in first.items() if isinstance(v, float)})
     assert first["score_std"] > 1.5
     assert first["adv_reward_corr"] > 0.2
+
+
+def test_rows_cut_to_their_length_give_the_full_batch_values():
+    """_by_length runs a causal model on chunks of rows of similar length, each cut to its longest row: on every
+    answer position it gives what the model gives on the whole right-padded batch (the compute saving of PPO's
+    log-prob, reference and value passes must not change a number the losses read)."""
+    from llama2.model import ModelArgs, Transformer
+    from llama2.train.ppo import Rollouts, _by_length, row_lengths
+
+    model = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=97)).init_weights(seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 9, 30, 12, 30, 3, 21]
+    L = max(lengths)
+    tokens = torch.zeros(len(lengths), L, dtype=torch.long)
+    mask = torch.zeros(len(lengths), L - 1)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = torch.randint(1, 97, (n,), generator=g)
+        mask[i, n // 2 - 1 : n - 1] = 1  # the second half of each row is its answer
+    ro = Rollouts(tokens, mask, torch.zeros(len(lengths)))
+    assert row_lengths(mask).tolist() == lengths
+    with torch.no_grad():
+        full = torch.log_softmax(model(tokens)[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        cut = _by_length(ro, 3, lambda t: torch.log_softmax(model(t)[:, :-1], -1).gather(-1, t[:, 1:, None])[..., 0])
+    m = mask.bool()
+    torch.testing.assert_close(cut[m], full[m], atol=1e-5, rtol=1e-5)
+    assert cut.shape == full.shape
+    assert (cut[lengths.index(3), 9 - 1 :] == 0).all()  # its chunk (lengths 3, 5, 9) was cut at 9 tokens
