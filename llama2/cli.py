@@ -334,7 +334,7 @@ def cmd_prepare(args) -> None:
 def cmd_pipeline(args) -> None:
     from .pipeline import run_pipeline
 
-    report = run_pipeline(args.out, quick=args.quick, from_stage=args.from_stage, seed=args.seed, device=args.device,
+    report = run_pipeline(args.out, quick=args.quick, from_stage=PIPELINE_ALIASES.get(args.from_stage, args.from_stage), seed=args.seed, device=args.device,
                           overrides=args.overrides, size=args.size)
     print(f"\nreport: {report} (figures in {report.parent / 'report'}, numbers in {report.parent / 'metrics.json'})")
     print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
@@ -369,7 +369,10 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), seed=args.seed)
 
 
-PIPELINE_STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "reward", "rejection", "ppo", "gatt", "eval", "report")
+# llama2.pipeline.STAGES (not imported here: the CLI starts without loading every stage), and the names of the
+# stages that the rlhf stage now runs version by version, accepted as aliases of it
+PIPELINE_STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "rlhf", "ppo", "gatt", "eval", "report")
+PIPELINE_ALIASES = {"reward": "rlhf", "rejection": "rlhf"}
 
 
 def _add_other_commands(sub, chosen: str | None) -> None:
@@ -435,16 +438,18 @@ def _add_data_and_run_commands(sub, chosen: str | None) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="world -> tokenizer -> prepare -> pretrain -> sft -> reward models -> rejection "
                        "sampling -> ppo -> gatt -> eval -> report, on CPU. A stage whose output exists is skipped, so a "
-                       "stopped run resumes; --from redoes a stage and all after it. Default about 20 minutes on 2 "
+                       "stopped run resumes; --from redoes a stage and all after it. Default about 13 minutes on 2 "
                        "cores, --quick about 2.",
                        epilog="overrides: STAGE.FIELD=VALUE for any field of a stage's config (see `llama2 STAGE --help`),\n"
                               "for example: llama2 pipeline ppo.kl_beta=0.02 sft.lr=1e-4 rejection.k=8")
     p.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
     p.add_argument("--quick", action="store_true", help="a smaller world and model (about 2 minutes); same as --size quick")
     p.add_argument("--size", choices=("quick", "default", "large"), default=None,
-                   help="quick (CPU, ~2 min), default (CPU, ~20 min) or large (a 25M-parameter model and a bigger world "
+                   help="quick (CPU, ~2 min), default (CPU, ~13 min) or large (a 25M-parameter model and a bigger world "
                         "for one GPU, --device cuda)")
-    p.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES, default=None, help="redo this stage and every later one")
+    p.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES + tuple(PIPELINE_ALIASES), default=None,
+                   help="redo this stage and every later one (rlhf: the RLHF versions' annotation, reward models and "
+                        "rejection sampling; reward and rejection are accepted for it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
     p.add_argument("--device", default="cpu", help="device of every stage: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE", help="override a stage's field, e.g. ppo.kl_beta=0.02")

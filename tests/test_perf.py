@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import torch
 
 from llama2 import ModelArgs, Transformer
 from llama2.perf import current_rss_bytes, flops_per_token, matmul_params, measure_matmul_flops, peak_memory_bytes

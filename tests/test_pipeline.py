@@ -93,3 +93,27 @@ def test_eval_toyworld_judges_a_pipeline_model_as_the_report_does(run):
     m = json.loads((out / "metrics.json").read_text())
     r = toyworld_suite(out / "sft")
     assert r["accuracy"] == m["stages"]["SFT"]["accuracy"] and r["n"] == m["stages"]["SFT"]["n"]
+
+
+@pytest.mark.parametrize("size", ["quick", "default", "large"])
+def test_every_size_builds_valid_stage_configs(size, tmp_path):
+    """Each size's settings name real fields with valid values (the large size runs only on a GPU, so this is what
+    CI can check of it)."""
+    from llama2.pipeline import CONFIGS, SIZES, Ctx
+    from llama2.toyworld import PIPELINE_WORLDS
+
+    s = SIZES[size]
+    assert s["world"] in PIPELINE_WORLDS and len(s["rejection"]["temperatures"]) == s["versions"]
+    c = Ctx(tmp_path, size, 0, s, world=None)
+    for stage, cls in CONFIGS.items():
+        values = {k: v for k, v in s[stage].items() if k != "temperatures"} if stage in s else {}
+        cfg = c.config(cls, stage, **values)
+        assert cfg.run.seed == 0 and cfg.run.device == "cpu"
+
+
+def test_cli_stage_names_are_the_pipelines():
+    """`llama2 pipeline --from` offers exactly the pipeline's stages (plus aliases that map onto one of them)."""
+    from llama2.cli import PIPELINE_ALIASES, PIPELINE_STAGES
+
+    assert PIPELINE_STAGES == STAGES
+    assert set(PIPELINE_ALIASES.values()) <= set(STAGES)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lm_eval  # noqa: E402
+import lm_eval  # noqa: E402, F401  (the adapter needs it: fail here, not inside a test)
 
 from llama2 import ModelArgs, Transformer, checkpoint  # noqa: E402
 from llama2.chat import encode_dialog_prompt  # noqa: E402

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama2 import Llama
 from llama2.train.pretrain import PretrainConfig, pretrain

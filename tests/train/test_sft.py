@@ -6,7 +6,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 from llama2.cli import main
 from llama2.data import IGNORE_INDEX, collate, encode_sft_examples, pack_sft
