@@ -83,8 +83,25 @@ SIZES = {
         # decorate every answer and loses task accuracy; README), several epochs.
         gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=8, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
         eval=dict(max_new_tokens=48, gatt_probes=48, gatt_turns=20, k_curve=8),
-        seconds=dict(world=2, tokenizer=1, prepare=1, pretrain=341, sft=93, rlhf=400, ppo=177, gatt=56, eval=100,
+        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=163, sft=43, rlhf=241, ppo=60, gatt=194, eval=43,
                      report=1),
+    ),
+    # For one GPU (--device cuda): a 25M-parameter model, a bigger world, larger batches, more RLHF versions. Its stage
+    # times are estimates (no GPU run yet), used only by the progress line.
+    "large": dict(
+        world="large", vocab=2048, model="toy-25m", seq_len=512, versions=4,
+        pretrain=dict(max_steps=4000, batch_tokens=16384, micro_batch=32, lr=1e-3, warmup_steps=100, eval_every=500),
+        sft=dict(epochs=3, batch_size=32, micro_batch=32, lr=3e-4, warmup_steps=20),
+        reward=dict(epochs=1, batch_pairs=32, micro_batch=32, lr=1e-4),
+        annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=64),
+        rejection=dict(k=8, temperatures=[0.5, 0.5, 0.5, 0.5], max_new_tokens=64, epochs=1, batch_size=32,
+                       micro_batch=32, lr=5e-5),
+        ppo=dict(iterations=40, rollout_batch=256, minibatch=64, micro_batch=32, lr=5e-6, value_lr=5e-5,
+                 max_new_tokens=64, eval_every=5, patience=4),
+        gatt=dict(turns=10, k=8, max_new_tokens=48, epochs=4, batch_size=32, micro_batch=32, lr=1e-4, temperature=0.5),
+        eval=dict(max_new_tokens=64, gatt_probes=64, gatt_turns=20, k_curve=8),
+        seconds=dict(world=5, tokenizer=5, prepare=5, pretrain=300, sft=30, rlhf=240, ppo=120, gatt=60, eval=60,
+                     report=2),
     ),
 }
 

@@ -205,6 +205,7 @@ class ToyWorld:
 PIPELINE_WORLDS: dict[str, dict[str, Any]] = {
     "quick": dict(size="quick"),
     "default": dict(size="default", preferences=900, prompts=300),
+    "large": dict(size="default", preferences=3000, prompts=1500),
 }
 
 
