@@ -338,43 +338,26 @@ def _up_to_date(out: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------------ prepare
 
 
-def prepare(cfg: PrepareConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Tokenize ``cfg.inputs`` into shards in ``cfg.out`` (see the module docstring) and return the manifest.
+class _BadInput:
+    """What ``prepare`` does with a bad file or record: raise, naming the file and line, or (skip_bad) count it
+    and keep the first few as examples for the manifest."""
 
-    Raises FileNotFoundError for a missing input (or none at all) and ValueError for bad input, naming the file
-    and line, unless ``cfg.skip_bad``. Prints a tokens/s progress bar to stderr when it is a terminal, and
-    "up to date" when nothing needs doing; ``quiet`` silences both.
-    """
-    from tqdm import tqdm
+    def __init__(self, skip: bool) -> None:
+        self.skip, self.count, self.examples = skip, 0, []
 
-    from ..tokenizer import Tokenizer
-
-    if not cfg.inputs:
-        raise ValueError("no inputs given")
-    if not cfg.out:
-        raise ValueError("no output directory given (out=...)")
-    if not cfg.tokenizer:
-        raise ValueError("no tokenizer given (tokenizer=PATH.model or .gguf)")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} exists and is not a directory")
-
-    tok = Tokenizer.from_file(cfg.tokenizer)
-    dtype = _token_dtype(tok.vocab_size)
-    files = resolve_inputs(cfg.inputs, exclude=out)
-
-    bad_count = 0
-    bad_examples: list[dict[str, Any]] = []
-
-    def on_bad(path: Path, line: int | None, msg: str) -> None:
-        nonlocal bad_count
+    def __call__(self, path: Path, line: int | None, msg: str) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
-        if not cfg.skip_bad:
+        if not self.skip:
             raise ValueError(f"{where}: {msg} (skip_bad=true skips bad input)")
-        bad_count += 1
-        if len(bad_examples) < MAX_BAD_EXAMPLES:
-            bad_examples.append({"path": str(path), "line": line, "error": msg})
+        self.count += 1
+        if len(self.examples) < MAX_BAD_EXAMPLES:
+            self.examples.append({"path": str(path), "line": line, "error": msg})
 
+
+def _expected_manifest(cfg: PrepareConfig, tok, dtype: np.dtype, files: list[Path],
+                       on_bad: _BadInput) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """The manifest's fields that say what the shards are made of (inputs by size and SHA-256, tokenizer,
+    settings), and the readable inputs with their digests."""
     sources: list[dict[str, Any]] = []
     readable: list[tuple[Path, str]] = []
     for f in files:
@@ -386,7 +369,6 @@ def prepare(cfg: PrepareConfig, *, quiet: bool = False) -> dict[str, Any]:
             continue
         sources.append({"path": str(f), "bytes": size, "sha256": digest})
         readable.append((f, digest))
-
     settings = {
         "text_field": cfg.text_field,
         "val_fraction": cfg.val_fraction,
@@ -404,24 +386,20 @@ def prepare(cfg: PrepareConfig, *, quiet: bool = False) -> dict[str, Any]:
         "settings": settings,
         "sources": sources,
     }
-    if not cfg.force and out.is_dir():
-        cmp = {k: v for k, v in expected.items() if k != "tokenizer"}
-        manifest = _up_to_date(out, cmp)
-        if manifest is not None and manifest.get("tokenizer", {}).get("sha256") == expected["tokenizer"]["sha256"]:
-            if not quiet:
-                print(f"{out}: up to date ({manifest['splits']['train']['tokens']:,} train / "
-                      f"{manifest['splits']['val']['tokens']:,} val tokens); force=true rebuilds")
-            return manifest
+    return expected, readable
 
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(out)
+
+def _write_shards(cfg: PrepareConfig, tok, dtype: np.dtype, out: Path, readable: list[tuple[Path, str]],
+                  on_bad: _BadInput, quiet: bool) -> tuple[dict[str, "_ShardWriter"], int]:
+    """Tokenize the inputs in batches into train/val shard writers (closed on return); returns them and the
+    number of empty documents skipped. A file that changes while it is read is an error."""
+    from tqdm import tqdm
+
     writers = {s: _ShardWriter(out, s, cfg.shard_tokens, dtype) for s in _SPLITS}
     key = cfg.seed.to_bytes(16, "little", signed=True)
     empty = 0
     bar = tqdm(desc=f"prepare {out.name}", unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty())
-    t0 = time.perf_counter()
-
     batch: list[str] = []
     batch_val: list[bool] = []
     batch_chars = 0
@@ -465,11 +443,49 @@ def prepare(cfg: PrepareConfig, *, quiet: bool = False) -> dict[str, Any]:
             w.close()
     finally:
         bar.close()
+    return writers, empty
 
+
+def prepare(cfg: PrepareConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Tokenize ``cfg.inputs`` into shards in ``cfg.out`` (see the module docstring) and return the manifest.
+
+    Raises FileNotFoundError for a missing input (or none at all) and ValueError for bad input, naming the file
+    and line, unless ``cfg.skip_bad``. Prints a tokens/s progress bar to stderr when it is a terminal, and
+    "up to date" when nothing needs doing; ``quiet`` silences both.
+    """
+    from ..tokenizer import Tokenizer
+
+    if not cfg.inputs:
+        raise ValueError("no inputs given")
+    if not cfg.out:
+        raise ValueError("no output directory given (out=...)")
+    if not cfg.tokenizer:
+        raise ValueError("no tokenizer given (tokenizer=PATH.model or .gguf)")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a directory")
+
+    tok = Tokenizer.from_file(cfg.tokenizer)
+    dtype = _token_dtype(tok.vocab_size)
+    on_bad = _BadInput(cfg.skip_bad)
+    expected, readable = _expected_manifest(cfg, tok, dtype, resolve_inputs(cfg.inputs, exclude=out), on_bad)
+    if not cfg.force and out.is_dir():
+        cmp = {k: v for k, v in expected.items() if k != "tokenizer"}
+        manifest = _up_to_date(out, cmp)
+        if manifest is not None and manifest.get("tokenizer", {}).get("sha256") == expected["tokenizer"]["sha256"]:
+            if not quiet:
+                print(f"{out}: up to date ({manifest['splits']['train']['tokens']:,} train / "
+                      f"{manifest['splits']['val']['tokens']:,} val tokens); force=true rebuilds")
+            return manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(out)
+    t0 = time.perf_counter()
+    writers, empty = _write_shards(cfg, tok, dtype, out, readable, on_bad, quiet)
     manifest = dict(expected)
     manifest["splits"] = {s: w.summary() for s, w in writers.items()}
     manifest["empty_documents"] = empty
-    manifest["bad"] = {"count": bad_count, "examples": bad_examples}
+    manifest["bad"] = {"count": on_bad.count, "examples": on_bad.examples}
     _write_atomic(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8")))
     if not quiet:
         dt = time.perf_counter() - t0
