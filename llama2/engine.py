@@ -488,6 +488,40 @@ def random_seed() -> int:
 
 
 # -- a whole batch of prompts (what generate() runs) ---------------------------------------------------------------
+def _prefill_distinct(dec, prompts: Sequence[Sequence[int]], P: int, cache_len: int, chunk: int):
+    """Prefill each distinct prompt once, left-padded to P, into a cache of len(prompts) rows of ``cache_len``
+    (rounded up like the attended length, so that calls of similar lengths share shapes, and a compiled step:
+    a new shape costs a recompile); rows that repeat a prompt copy its cache row. Returns (cache, last logits
+    (B, V), start column of each row (B,))."""
+    device = dec.model.tok_embeddings.weight.device
+    uniq: dict[tuple[int, ...], int] = {}
+    row_src = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+    tokens = torch.zeros(len(uniq), P, dtype=torch.long, device=device)
+    for p, u in uniq.items():
+        tokens[u, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+    starts_u = torch.tensor([P - len(p) for p in uniq], device=device)
+    cache = dec.cache(len(prompts), cache_len)
+    logits = dec.prefill(cache, tokens, starts_u, chunk=chunk)  # (U, V), rows 0..U-1 of the cache
+    index = torch.tensor(row_src, device=device)
+    if len(uniq) < len(prompts):
+        cache.select(index)
+    return cache, logits[index], starts_u[index]
+
+
+def _batch_sampler(cfg, B: int, device: torch.device) -> tuple[Sampler, str]:
+    """One Sampler for B rows that all use ``cfg``'s settings, each row with its own seed derived from cfg.seed
+    (a random one when None), and the sampling mode those settings need."""
+    base = cfg.seed if cfg.seed is not None else random_seed()
+    mode = sampling_mode([float(cfg.temperature)] * B, [cfg.top_p] * B, [cfg.top_k] * B)
+    s = Sampler(
+        torch.full((B,), float(cfg.temperature), device=device),
+        torch.full((B,), float(cfg.top_p), device=device),
+        torch.full((B,), int(cfg.top_k), dtype=torch.long, device=device),
+        torch.tensor([row_seed(base, b) for b in range(B)], dtype=torch.long, device=device),
+    )
+    return s, mode
+
+
 def generate_static(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -527,32 +561,8 @@ def generate_static(
 
     dec = decoder_for(model)
     dec.sig = dec.signature()
-    # prefill each distinct prompt once, left-padded to P; rows that repeat a prompt copy its cache row
-    uniq: dict[tuple[int, ...], int] = {}
-    row_src = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
-    U = len(uniq)
-    tokens = torch.zeros(U, P, dtype=torch.long, device=device)
-    for p, u in uniq.items():
-        tokens[u, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    starts_u = torch.tensor([P - len(p) for p in uniq], device=device)
-    # the cache length is rounded up like the attended length, so that calls of similar lengths share shapes
-    # (and a compiled step: a new shape costs a recompile)
-    cache = dec.cache(B, attn_bucket(total, args.max_seq_len))
-    logits = dec.prefill(cache, tokens, starts_u, chunk=cfg.prefill_chunk)  # (U, V), rows 0..U-1 of the cache
-    index = torch.tensor(row_src, device=device)
-    if U < B:
-        cache.select(index)
-    logits, starts = logits[index], starts_u[index]
-
-    base = cfg.seed if cfg.seed is not None else random_seed()
-    temps = [float(cfg.temperature)] * B
-    mode = sampling_mode(temps, [cfg.top_p] * B, [cfg.top_k] * B)
-    s = Sampler(
-        torch.full((B,), float(cfg.temperature), device=device),
-        torch.full((B,), float(cfg.top_p), device=device),
-        torch.full((B,), int(cfg.top_k), dtype=torch.long, device=device),
-        torch.tensor([row_seed(base, b) for b in range(B)], dtype=torch.long, device=device),
-    )
+    cache, logits, starts = _prefill_distinct(dec, prompts, P, attn_bucket(total, args.max_seq_len), cfg.prefill_chunk)
+    s, mode = _batch_sampler(cfg, B, device)
     want_lp = cfg.logprobs
     tok = sample_tokens(logits, s, uniforms(s.seeds, torch.zeros(B, dtype=torch.long, device=device)), mode)
     lp = _logprob(logits, tok) if want_lp else None
