@@ -75,7 +75,7 @@ class RunConfig:
     device: str = "cpu"
     """cpu, cuda or cuda:N (under torchrun: one GPU per process, cuda becomes cuda:LOCAL_RANK)."""
     dtype: str = "auto"
-    """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA with fp32 weights), float32, bfloat16 or float16."""
+    """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA with fp32 weights), float32 or bfloat16."""
     strategy: str = "fsdp"
     """Under torchrun with several processes: fsdp (FSDP2, fully_shard per block) or ddp; one process trains alone."""
     resume: bool = False
@@ -101,7 +101,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         check(bool(str(self.out).strip()), "out", self.out, "a directory")
         check(bool(_DEVICE_RE.match(str(self.device))), "device", self.device, "cpu, cuda, cuda:N or mps")
-        check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check(self.dtype in DTYPES and self.dtype != "float16", "dtype", self.dtype,
+              "auto, float32 or bfloat16 (float16 training would need loss scaling, which the loop does not do)")
         check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         check(self.save_every >= 1, "save_every", self.save_every, ">= 1")
@@ -300,7 +301,7 @@ def to_overrides(cfg: Any) -> list[str]:
     flat = flat_fields(type(cfg))
     out = []
     for name, path in flat.items():
-        if "." in name and name.split(".")[-1] in flat:  # a group field that also has a plain name: listed once
+        if "." in name and flat.get(name.split(".")[-1]) == path:  # a group field that also has a plain name: once
             continue
         value = getattr(cfg, path[0]) if len(path) == 1 else getattr(getattr(cfg, path[0]), path[1])
         if dataclasses.is_dataclass(value):

@@ -312,7 +312,7 @@ def _rejection_version(c: Ctx, v: int) -> None:
     _finished(rejection(c.config(RejectionConfig, "rejection", prompts=str(_version_prompts(c, v)),
                                  init_from=str(c.out / "sft"), sample_from=str(latest_model(c, v)), previous=previous,
                                  iterations=1, temperatures=[temperature], out=str(version_dir(c, v) / "rejection"),
-                                 seq_len=c.s["seq_len"], tensorboard=False, **_rms(c, v), **r)))
+                                 seq_len=c.s["seq_len"], tensorboard=False, resume=True, **_rms(c, v), **r)))
 
 
 def stage_rlhf(c: Ctx) -> None:
@@ -340,7 +340,7 @@ def stage_ppo(c: Ctx) -> None:
 def stage_gatt(c: Ctx) -> None:
     _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), replay=c.paths["sft"],
                             reward_model=_rms(c)["reward_helpfulness"], out=str(c.out / "gatt"), seq_len=c.s["seq_len"],
-                            tensorboard=False, **c.s["gatt"])))
+                            tensorboard=False, resume=True, **c.s["gatt"])))
     final = c.out / "final"
     final.mkdir(parents=True, exist_ok=True)
     publish(c.out / "gatt", final)

@@ -116,3 +116,12 @@ def test_help_lists_every_group_field_with_its_stage_default():
         assert f"{name}=" in text, name
     assert "lr=2e-05" in text and "out='runs/sft'" in text  # this stage's defaults, not the group's
     assert "\n run (" in text and "\n optim (" in text
+
+
+def test_float16_training_is_refused_with_the_reason():
+    """fp16 autocast without loss scaling underflows gradients; the loop has no GradScaler, so float16 is refused."""
+    from llama2.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="dtype='float16'.*loss scaling"):
+        RunConfig(dtype="float16")
+    assert RunConfig(dtype="bfloat16").dtype == "bfloat16"

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..config import STRATEGIES
+
 __all__ = [
     "Dist", "STRATEGIES", "init_distributed", "wrap_model", "unwrap", "no_grad_sync", "clip_grad_norm", "autocast_for",
 ]
@@ -37,11 +39,7 @@ class Dist:
 
     def all_mean(self, value: float) -> float:
         """The mean of a number over all ranks (the number itself with one process)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t) / self.world
+        return self.all_sum(value) / self.world
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -51,11 +49,15 @@ class Dist:
 
     def all_sum(self, value: float) -> float:
         """The sum of a number over all ranks (the number itself with one process)."""
+        return self.all_sums([value])[0]
+
+    def all_sums(self, values: list[float]) -> list[float]:
+        """The sums of several numbers over all ranks, in one collective."""
         if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t)
+        return t.tolist()
 
     def say(self, *msg: object) -> None:
         """Print to stderr on rank 0 only (under torchrun, rank 0 speaks for all)."""
@@ -63,7 +65,6 @@ class Dist:
             print(*msg, file=sys.stderr, flush=True)
 
 
-STRATEGIES = ("fsdp", "ddp", "single")
 
 
 def init_distributed(strategy: str, device: str) -> Dist:

@@ -36,7 +36,7 @@ from ..sampling import sample_answers
 from ..seeding import derive_seed
 from .dist import init_distributed
 from .sft import SFTConfig, sft
-from .state import RunLock
+from .state import RunLock, prepare_out
 
 __all__ = ["GattConfig", "gatt", "sample_gatt_dialogs", "GattEvalConfig", "gatt_eval"]
 
@@ -153,6 +153,11 @@ def gatt(cfg: GattConfig) -> dict:
     if not cfg.dialogs or not cfg.init_from:
         raise ValueError("give dialogs=DIALOGS.jsonl and init_from=CHECKPOINT")
     samples_path, data_path = out / "samples.jsonl", out / "gatt_data.jsonl"
+    if d.main:  # the sampled data is reused only when resuming; overwrite removes it too
+        with RunLock(out, "gatt"):
+            prepare_out(out, resume=cfg.run.resume, overwrite=cfg.run.overwrite, say=d.say,
+                        own=(samples_path.name, data_path.name, "gatt_counts.json"))
+    d.barrier()
     counts: dict = {}
     if not data_path.is_file():  # sampling is done once; a rerun goes straight to (resuming) the fine-tuning
         if d.main:

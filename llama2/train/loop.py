@@ -252,8 +252,7 @@ def _begin(model: torch.nn.Module, d: Dist, cfg: Any, name: str, tokenizer: Any,
 
 
 def accumulate(s: Session, micros: Sequence[Any], loss_fn: Callable[[Any], tuple[torch.Tensor, dict]], units: float,
-               model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-               grad_clip: float | None = None) -> dict:
+               model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """One optimizer step: forward/backward every micro-batch (gradients synchronised across ranks on the last one
     only), each scaled so that the gradient is that of the mean over ``units``; clip; step. Returns the mean loss
     and metrics over ``units`` (all ranks) and the gradient norm before clipping. ``model``/``optimizer`` default to
@@ -270,8 +269,8 @@ def accumulate(s: Session, micros: Sequence[Any], loss_fn: Callable[[Any], tuple
         sums["loss"] += float(loss_sum.detach())
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    rec = {k: d.all_sum(v) / units for k, v in sums.items()}
-    rec["grad_norm"] = clip_grad_norm(model, s.optim.grad_clip if grad_clip is None else grad_clip)
+    rec = {k: v / units for k, v in zip(sums, d.all_sums(list(sums.values())))}
+    rec["grad_norm"] = clip_grad_norm(model, s.optim.grad_clip)
     if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"loss {rec['loss']} / gradient norm {rec['grad_norm']}: not finite; stopped before the "
@@ -312,7 +311,8 @@ def run_steps(s: Session, total_steps: int, step_fn: Callable[[int], dict], *, d
                 if save is not None and (done % run.save_every == 0 or last or stopping):
                     save(done)
                 if stopping:
-                    d.say(f"stopped: saved step {done} in {s.out} (resume=true continues)")
+                    d.say(f"stopped: saved step {done} in {s.out} (resume=true continues)" if save is not None
+                          else f"stopped at step {done}: {s.out} holds what this stage keeps (it does not resume)")
                     break
                 if should_stop is not None and should_stop(rec):
                     break

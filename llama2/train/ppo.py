@@ -54,7 +54,7 @@ from ..rlhf.reward_model import reward_model_from_chat
 from ..sampling import sample_answers
 from ..seeding import derive_seed, generator
 from .dist import Dist, init_distributed, unwrap, wrap_model
-from .loop import Session, accumulate, begin, make_optimizer, run_steps
+from .loop import Session, accumulate, begin, learning_rate, make_optimizer, run_steps
 from .rejection import load_reward_models
 from .state import publish
 
@@ -310,6 +310,9 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
         raise ValueError("give prompts=PROMPTS.jsonl and init_from=CHECKPOINT")
     if reward_fn is None and not (cfg.reward_helpfulness or cfg.reward_safety):
         raise ValueError("give reward_helpfulness=RM (and optionally reward_safety=RM)")
+    if cfg.run.resume:  # PPO keeps its best policy (and value model) in OUT, not step checkpoints to resume from
+        raise ValueError("ppo does not resume: OUT holds the best policy so far, not a training state; start again "
+                         "with overwrite=true (or init_from=OUT to continue from that policy, in another out=)")
     if cfg.rollout_batch % cfg.minibatch or cfg.minibatch % (cfg.micro_batch * d.world):
         raise ValueError(f"rollout_batch {cfg.rollout_batch} must be a multiple of minibatch {cfg.minibatch}, itself a "
                          f"multiple of micro_batch * ranks = {cfg.micro_batch} * {d.world}")
@@ -320,6 +323,9 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
         train_prompts, val_prompts = split_holdout(prompts, cfg.val_fraction, cfg.run.seed) if cfg.val_fraction > 0 else (prompts, [])
     if not train_prompts:
         raise ValueError(f"{cfg.prompts}: no prompts to train on")
+    if 0 < len(val_prompts) < d.world:
+        raise ValueError(f"{len(val_prompts)} held-out prompts for {d.world} ranks: give each rank at least one "
+                         "(more val_prompts, a larger val_fraction, or val_fraction=0)")
     m = _models(cfg, d, reward_fn)
     s, out = m.session, m.session.out
     per_rank = cfg.rollout_batch // d.world
@@ -352,6 +358,8 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
 
     def step_fn(step: int) -> dict:
         it = step + 1
+        for g in s.optimizer.param_groups:  # the policy's rate: constant by default (the paper's), or optim.schedule
+            g["lr"] = learning_rate(s.optim, step, cfg.iterations)
         batch = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(cfg.rollout_batch)]
         ro = _rollouts(cfg, m, batch[d.rank * per_rank : (d.rank + 1) * per_rank],
                        derive_seed(cfg.run.seed, "ppo/rollouts", it, d.rank), reward_fn)
@@ -361,7 +369,7 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
                 "score_std": a["scale"][1], "kl": d.all_mean(a["kl"]),
                 "answer_tokens": d.all_mean(float(ro.mask.sum(1).mean())),
                 "explained_variance": d.all_mean(a["explained_variance"]),
-                "adv_reward_corr": d.all_mean(a["adv_reward_corr"]), **{k: d.all_mean(v) for k, v in stats.items()}}
+                "adv_reward_corr": d.all_mean(a["adv_reward_corr"]), **stats}  # stats: already over all ranks
 
     def evaluate(done: int) -> dict:
         score = heldout_reward()

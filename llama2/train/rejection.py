@@ -47,7 +47,7 @@ from ..sampling import sample_answers
 from ..seeding import derive_seed
 from .dist import Dist, init_distributed
 from .sft import SFTConfig, sft
-from .state import RunLock, publish
+from .state import RunLock, prepare_out, publish
 
 __all__ = ["RejectionConfig", "rejection", "sample_and_score", "load_reward_models"]
 
@@ -211,6 +211,9 @@ def rejection(cfg: RejectionConfig) -> dict:
     if not prompts:
         raise ValueError(f"{cfg.prompts}: no prompts")
     with RunLock(out, "rejection") if d.main else contextlib.nullcontext():
+        if d.main:  # a finished iteration is reused only when resuming; overwrite removes the iterations too
+            prepare_out(out, resume=cfg.run.resume, overwrite=cfg.run.overwrite, say=d.say, own=("iter_*",))
+        d.barrier()
         return _rejection(cfg, d, out, prompts)
 
 

@@ -89,7 +89,7 @@ class RewardConfig:
     micro_batch: int = 8
     """Pairs per forward/backward (2x as many sequences); gradients are accumulated to reach batch_pairs."""
     warmup_ratio: float = 0.03
-    """Linear warmup over this fraction of the steps (3% in the paper) ..."""
+    """Linear warmup over this fraction of the steps (3% in the paper; optim.warmup_steps > 0 sets the steps instead) ..."""
     min_warmup_steps: int = 5
     """... but at least this many steps (5 in the paper)."""
     run: RunConfig = group(RunConfig, out="runs/reward", eval_every=50, save_every=100)
@@ -174,7 +174,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     pairs, stats, tests = _data(cfg, tokenizer, d)
     n = len(pairs)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * n / cfg.batch_pairs)
-    warmup = max(cfg.min_warmup_steps, round(cfg.warmup_ratio * total_steps))
+    warmup = cfg.optim.warmup_steps or max(cfg.min_warmup_steps, round(cfg.warmup_ratio * total_steps))
     per_rank = cfg.batch_pairs // d.world
     accum = per_rank // cfg.micro_batch  # micro-batches per rank per optimizer step
 

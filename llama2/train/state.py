@@ -242,9 +242,9 @@ _RUN_DIRS = ("checkpoints", "tb", "value", "best.tmp")
 _MODEL_FILES = ("llama2.json", "tokenizer.model", "model.safetensors", "model.safetensors.index.json")
 
 
-def _holds_a_run(out: Path) -> list[str]:
+def _holds_a_run(out: Path, own: tuple[str, ...] = ()) -> list[str]:
     marks = [n for n in _RUN_DIRS[:1] + _RUN_FILES[:1] if (out / n).exists()]
-    marks += [p.name for p in out.glob("*_config.json")]
+    marks += [p.name for pattern in ("*_config.json", *own) for p in sorted(out.glob(pattern))]
     return marks
 
 
@@ -257,16 +257,17 @@ def _remove_debris(out: Path) -> list[str]:
     return [p.name for p in found]
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool, say=None) -> None:
+def prepare_out(out: Path, *, resume: bool, overwrite: bool, say=None, own: tuple[str, ...] = ()) -> None:
     """Check and tidy a run's output directory before any work (the caller holds its :class:`RunLock`): remove the
     debris of an interrupted write; refuse to start a new run over an existing one unless ``resume`` (continue it)
     or ``overwrite`` (remove only what a run writes: checkpoints, metrics, TensorBoard events, its configs and its
-    model files; anything else stays)."""
+    model files, and ``own``: the names or glob patterns of what this stage writes besides, such as rejection
+    sampling's iteration directories; anything else stays)."""
     out = Path(out)
     debris = _remove_debris(out) if out.is_dir() else []
     if debris and say is not None:
         say(f"removed leftovers of an interrupted write in {out}: {', '.join(sorted(debris)[:6])}")
-    marks = _holds_a_run(out) if out.is_dir() else []
+    marks = _holds_a_run(out, own) if out.is_dir() else []
     if not marks or resume:
         return
     if not overwrite:
@@ -280,6 +281,8 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool, say=None) -> None:
         p.unlink()
     for name in _RUN_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
+    for p in [p for pattern in own for p in out.glob(pattern)]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if say is not None:
         say(f"overwrite=true: removed the earlier run's files from {out}")
 

@@ -48,8 +48,13 @@ def test_sampling_data_and_fine_tuning(setup):
         assert all(TEXT not in m["content"] for m in d[1:])
         assert d[-1]["role"] == "assistant"
     assert len(result["history"]) >= 1 and Llama.from_pretrained(tmp / "g").model is not None
-    # a rerun does not sample again
-    assert gatt(cfg)["counts"] == {}
+    # a rerun refuses to start over the finished run; resuming does not sample again; overwrite samples anew
+    from dataclasses import replace
+
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        gatt(cfg)
+    assert gatt(replace(cfg, resume=True))["counts"] == {}
+    assert gatt(replace(cfg, overwrite=True))["counts"]["turns_sampled"] == counts["turns_sampled"]
 
 
 def test_eval_reports_adherence_per_turn(setup):

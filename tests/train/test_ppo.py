@@ -109,3 +109,14 @@ def test_rows_cut_to_their_length_give_the_full_batch_values():
     torch.testing.assert_close(cut[m], full[m], atol=1e-5, rtol=1e-5)
     assert cut.shape == full.shape
     assert (cut[lengths.index(3), 9 - 1 :] == 0).all()  # its chunk (lengths 3, 5, 9) was cut at 9 tokens
+
+
+def test_resume_is_refused_with_a_clear_error(setup):
+    """PPO keeps its best policy in OUT, not a training state: resume=true would silently start over, so it is
+    refused before any work."""
+    tok, tmp = setup
+    cfg = PPOConfig(prompts=str(tmp / "prompts.jsonl"), init_from=str(tmp / "policy"), out=str(tmp / "ppo"),
+                    reward_helpfulness=str(tmp / "policy"), resume=True)
+    with pytest.raises(ValueError, match="does not resume"):
+        ppo(cfg)
+    assert not (tmp / "ppo").exists()

@@ -58,11 +58,18 @@ def test_keeps_the_best_of_all_iterations_and_fine_tunes(setup):
     b = Llama.from_pretrained(tmp / "rs").model.state_dict()
     c = Llama.from_pretrained(tmp / "rs" / "iter_1" / "model").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
-    # a rerun finds both iterations done and redoes nothing
-    again = rejection(cfg)
-    assert again["history"] == result["history"]
-    # the other choice: each iteration continues from the previous iteration's model
+    # a rerun refuses to start over the finished run; resuming finds both iterations done and redoes nothing
     from dataclasses import replace
+
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        rejection(cfg)
+    again = rejection(replace(cfg, resume=True))
+    assert again["history"] == result["history"]
+    # overwrite removes the iterations too: both are sampled and fine-tuned again
+    (tmp / "rs" / "iter_2" / "marker").write_text("old")
+    rejection(replace(cfg, overwrite=True))
+    assert not (tmp / "rs" / "iter_2" / "marker").exists() and (tmp / "rs" / "iter_2" / "stats.json").is_file()
+    # the other choice: each iteration continues from the previous iteration's model
 
     rejection(replace(cfg, finetune_from="latest", out=str(tmp / "rs2"), iterations=2))
     started = json.loads((tmp / "rs2" / "iter_2" / "model" / "sft_config.json").read_text())["init_from"]
