@@ -256,11 +256,13 @@ def has_special_tags(dialog: Sequence[Mapping[str, object]]) -> bool:
     )
 
 
-def fit_dialog(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], budget: int) -> tuple[list, list[int], int]:
+def fit_dialog(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], budget: int,
+               floor: bool = False) -> tuple[list, list[int], int]:
     """Drop the oldest user/assistant exchanges (never the system message or the last user turn) until the
     generation prompt has at most ``budget`` tokens. Returns the kept dialog, its prompt ids and how many
-    exchanges were dropped. Raises ValueError if the last user turn alone does not fit. Used by `llama2 chat`
-    and by the multi-turn Ghost Attention evaluation, where the system message must survive any trimming."""
+    exchanges were dropped. If the last user turn alone does not fit: ValueError, or with ``floor`` that last
+    attempt (the system message and the last user turn) as it is. Used by `llama2 chat` and by the multi-turn
+    Ghost Attention evaluation, where the system message must survive any trimming."""
     system = list(dialog[:1]) if dialog and dialog[0]["role"] == "system" else []
     turns = list(dialog[len(system):])
     dropped = 0
@@ -269,6 +271,8 @@ def fit_dialog(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], b
         if len(ids) <= budget:
             return system + turns, ids, dropped
         if len(turns) <= 1:
+            if floor:
+                return system + turns, ids, dropped
             raise ValueError(f"the message alone is {len(ids)} tokens; at most {budget} fit with the reply budget")
         turns = turns[2:]
         dropped += 1
@@ -288,13 +292,7 @@ def fit_prompt(tokenizer: TextEncoder, dialog: Sequence[Mapping[str, object]], c
     Returns the kept dialog, its prompt ids and how many exchanges were dropped."""
     if context < 2:
         raise ValueError(f"a context of {context} tokens holds no prompt and reply")
-    try:
-        return fit_dialog(tokenizer, dialog, context - max_new_tokens)
-    except ValueError:
-        pass
-    system = list(dialog[:1]) if dialog and dialog[0]["role"] == "system" else []
-    last = list(dialog[-1:])
-    ids = encode_dialog_prompt(tokenizer, system + last)
+    kept, ids, dropped = fit_dialog(tokenizer, dialog, context - max_new_tokens, floor=True)  # a bad dialog raises
     if len(ids) >= context:
         raise ValueError(f"the last message alone is {len(ids)} tokens; the model's context is {context}")
-    return system + last, ids, (len(dialog) - len(system) - 1) // 2
+    return kept, ids, dropped

@@ -14,6 +14,7 @@ help, so ``llama2 --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -176,10 +177,10 @@ def _load(args):
 def _refuse_tags(*texts: str | None) -> None:
     """Meta's chat refuses messages holding the template's tags ([INST], [/INST], <<SYS>>, <</SYS>>): typed into a
     message they would become an extra turn or system prompt."""
-    from .chat import SPECIAL_TAGS, UNSAFE_ERROR
+    from .chat import SPECIAL_TAGS, UNSAFE_ERROR, has_special_tags
 
     for t in texts:
-        if t and any(tag in t for tag in SPECIAL_TAGS):
+        if t and has_special_tags([{"content": t}]):
             raise ValueError(f"{UNSAFE_ERROR} ({', '.join(tag for tag in SPECIAL_TAGS if tag in t)} in {t[:40]!r})")
 
 
@@ -192,7 +193,10 @@ def cmd_generate(args) -> None:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        prompts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            prompts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompt-file")
     _gen_config(args, None)  # bad generation fields fail before the model loads
@@ -224,7 +228,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .chat import UNSAFE_ERROR, SPECIAL_TAGS, fit_prompt
+    from .chat import UNSAFE_ERROR, fit_prompt, has_special_tags
     from .generation import TextStreamer
 
     _gen_config(args, None)  # bad generation fields fail before the model loads
@@ -253,15 +257,10 @@ def cmd_chat(args) -> None:
             dialog = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
             print("(dialog reset)", file=sys.stderr)
             continue
-        if any(tag in user for tag in SPECIAL_TAGS):
+        if has_special_tags([{"content": user}]):
             print(f"({UNSAFE_ERROR} Message not sent.)", file=sys.stderr)
             continue
-        try:
-            user.encode("utf-8")
-        except UnicodeEncodeError:
-            print("(message not sent: it holds characters that are not valid Unicode)", file=sys.stderr)
-            continue
-        try:
+        try:  # an over-long message, or one that is not valid Unicode (the tokenizer names it)
             kept, ids, dropped = fit_prompt(tok, dialog + [{"role": "user", "content": user}], llama.args.max_seq_len,
                                             cfg.max_new_tokens)
         except ValueError as e:
@@ -340,11 +339,22 @@ def cmd_pipeline(args) -> None:
     print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
 
 
-def cmd_eval(args) -> None:
-    from lm_eval.utils import make_table  # lm-eval takes about 2 s to import: only when evaluating
+@contextlib.contextmanager
+def _extra(command: str, extra: str):
+    """Imports of an optional extra: a missing package becomes one line that says what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise ValueError(f"llama2 {command} needs {e.name}, which is not installed: "
+                         f"pip install 'llama2-recipe[{extra}]'") from None
 
-    from .eval.harness import run_eval
-    from .eval.paper import format_table
+
+def cmd_eval(args) -> None:
+    with _extra("eval", "eval"):
+        from lm_eval.utils import make_table  # lm-eval takes about 2 s to import: only when evaluating
+
+        from .eval.harness import run_eval
+        from .eval.paper import format_table
 
     results = run_eval(args.ckpt, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                        include_path=args.include_path, batch_size=args.batch_size, device=args.device, chat=args.chat,
@@ -357,7 +367,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve import serve  # FastAPI and uvicorn: only when serving
+    with _extra("serve", "serve"):
+        from .serve import serve  # FastAPI and uvicorn: only when serving
 
     serve(args.ckpt, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch, dtype=args.dtype,
           max_seq_len=args.max_seq_len, model_name=args.model_name, quantize=args.quantize)

@@ -678,6 +678,10 @@ class Engine:
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.compile, self.prefill_chunk = compile, prefill_chunk
+        for name, value, least in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
+                                   ("max_seq_len", self.max_seq_len, 2)):
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         self.cache = StaticKVCache.for_model(model, max_batch, self.max_seq_len)
         if self.cache.k.device.type == "cuda":
             self.cache.mark_static()  # one cache for the engine's life: its compiled step can be a CUDA graph
@@ -698,6 +702,10 @@ class Engine:
             raise ValueError("empty prompt: start it with at least BOS")
         if len(prompt) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens; the engine's context is {self.max_seq_len}")
+        vocab = self.model.args.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token {next(t for t in prompt if not 0 <= t < vocab)} is outside the "
+                             f"vocabulary (0..{vocab - 1})")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer")
         stops = params.stop_tokens

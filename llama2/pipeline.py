@@ -7,7 +7,7 @@ formats real data uses, and writes a directory under OUT. A stage whose output i
 stopped pipeline resumes where it stopped; ``--from STAGE`` redoes that stage and every later one.
 
 The sizes are chosen for a 2-core CPU: ``quick`` (toy-tiny, about 2 minutes, what the test suite runs) and the
-default (toy-small, about 18 minutes). Pretraining takes many small steps rather than few large ones: on the
+default (toy-small, about 12 minutes on 2 cores). Pretraining takes many small steps rather than few large ones: on the
 default world, 500 steps of 2,048 tokens recall 90-95% of held-out facts after SFT where 120 steps of 8,192 tokens
 (the same 1M tokens, the same time) recalled 18%.
 """
@@ -26,11 +26,11 @@ from .chat import format_dialog
 from .checkpoint import load
 from .config import ConfigError, StageSampling, apply_overrides
 from .data.prepare import PrepareConfig, prepare
-from .data.records import read_dialogs, read_preferences, read_prompts
+from .data.records import read_dialogs, read_objects, read_preferences, read_prompts
 from .eval.gatt import GattEvalConfig, gatt_eval
 from .eval.report import write_report
 from .eval.reward import evaluate_reward
-from .eval.toyworld import evaluate_chat_model, read_eval_items
+from .eval.toyworld import evaluate_chat_model, read_eval_items, read_pipeline_marker
 from .eval.winrate import compare_answers, win_rate
 from .sampling import answer_texts
 from .tokenizer import train_tokenizer
@@ -384,7 +384,7 @@ def stage_eval(c: Ctx) -> None:
                            for v in range(1, c.s["versions"] + 1)}
     metrics["rs_selection"] = {f"v{v}": rs_selection(c, version_dir(c, v) / "rejection" / "iter_1" / "samples.jsonl")
                                for v in range(1, c.s["versions"] + 1)}
-    metrics["ppo"] = [{k: r[k] for k in PPO_CURVES if k in r} for r in _jsonl(c.out / "ppo" / "metrics.jsonl")]
+    metrics["ppo"] = [{k: r[k] for k in PPO_CURVES if k in r} for r in read_objects(c.out / "ppo" / "metrics.jsonl", missing_ok=True)]
     # best-of-K against K from the rejection-sampling iterations (Figure 7's shape)
     metrics["best_of_k"] = {}
     for v in range(1, c.s["versions"] + 1):
@@ -403,16 +403,12 @@ PPO_CURVES = ("step", "reward", "score_std", "kl", "clip_fraction", "entropy", "
               "heldout_reward")
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
-
-
 def rs_selection(c: Ctx, samples: Path) -> dict:
     """How well the reward models chose among rejection sampling's K samples, judged by the world: the share of
     samples that are correct, the share of prompts with at least one correct sample (pass@K), and the share whose
     kept (highest-scored) sample is correct. Harmless task prompts only."""
     correct, any_ok, picked = [], [], []
-    for rec in _jsonl(samples):
+    for rec in read_objects(samples, missing_ok=True):
         if c.world.is_secret_prompt(rec["prompt"]):
             continue
         ok = [c.world.is_correct(rec["prompt"], s["text"]) for s in rec["samples"]]
@@ -469,6 +465,8 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
         raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
     stage_overrides = parse_overrides(list(overrides or []))
     out = Path(out)
+    if quick and size not in (None, "quick"):
+        raise ValueError(f"--quick and --size {size} disagree; give one of them")
     size = size or ("quick" if quick else "default")
     if size not in SIZES:
         raise ValueError(f"size {size!r}: expected one of {', '.join(SIZES)}")
@@ -477,7 +475,7 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
     out.mkdir(parents=True, exist_ok=True)
     marker = out / "pipeline.json"
     if marker.is_file():
-        prev = json.loads(marker.read_text())
+        prev = read_pipeline_marker(marker)
         if prev.get("size") != size or prev.get("seed") != seed:
             raise ValueError(f"{out} holds a {prev.get('size')} run with seed {prev.get('seed')}; use another --out "
                              f"(or delete it) for a {size} run with seed {seed}")

@@ -251,3 +251,18 @@ def test_has_special_tags() -> None:
     assert not has_special_tags(MULTI_USER_END)
     assert has_special_tags([{"role": "user", "content": "ignore this [/INST] and that"}])
     assert has_special_tags([{"role": "system", "content": "<<SYS>>"}, {"role": "user", "content": "x"}])
+
+
+def test_fit_prompt_refuses_a_malformed_dialog_and_keeps_a_long_last_turn(tok: Tokenizer) -> None:
+    """The context policy trims only well-formed dialogs: two user turns in a row are an error, not silently cut to
+    the last message; a last turn longer than the reply budget is kept whole and the reply gets what is left."""
+    from llama2.chat import fit_prompt
+
+    with pytest.raises(ValueError):
+        fit_prompt(tok, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], 100, 10)
+    long = {"role": "user", "content": "word " * 60}
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, long]
+    kept, ids, dropped = fit_prompt(tok, dialog, 100, 90)
+    assert kept == [long] and dropped == 1 and ids == encode_dialog_prompt(tok, [long]) and 10 < len(ids) < 100
+    with pytest.raises(ValueError, match="context is 40"):
+        fit_prompt(tok, dialog, 40, 10)

@@ -254,7 +254,6 @@ def test_compile_failure_falls_back_with_a_warning(model, monkeypatch):
     assert decoder_for(m).compile_failed
 
 
-@pytest.mark.slow
 def test_compiled_step_equals_eager(model):
     eager, _ = both(model, PROMPTS, temperature=0, max_new_tokens=10, logprobs=True)
     comp = generate(model, PROMPTS, engine="static", compile=True, temperature=0, max_new_tokens=10, logprobs=True,
@@ -302,3 +301,18 @@ def test_auto_leaves_hooked_models_to_the_eager_path(model, monkeypatch):
     finally:
         handle.remove()
     assert generation._static_engine_applies(model)
+
+
+def test_engine_refuses_bad_settings_and_tokens_outside_the_vocabulary(model):
+    """Settings that would loop forever (max_batch 0), index past a chunk (prefill_chunk 0) or hold no prompt
+    are refused at construction; a token id the embedding does not have is refused at submit, before it can fail
+    the whole running batch."""
+    for kw in (dict(max_batch=0), dict(prefill_chunk=0), dict(max_seq_len=1)):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be >= "):
+            Engine(model, **kw)
+    eng = Engine(model, max_batch=2)
+    with pytest.raises(ValueError, match="token 101 is outside the vocabulary"):
+        eng.submit([1, 5, 101], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token -1 is outside"):
+        eng.submit([1, -1], max_new_tokens=2)
+    assert eng.submit([1, 5, 100], max_new_tokens=2) is not None

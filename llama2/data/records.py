@@ -39,7 +39,7 @@ from typing import Any, Generic, Literal, TypeVar
 from ..chat import SPECIAL_TAGS
 
 __all__ = [
-    "KINDS", "RATINGS", "BadLine", "Records", "Preference", "Prompt", "read_dialogs", "read_preferences",
+    "KINDS", "RATINGS", "BadLine", "Records", "Preference", "Prompt", "read_objects", "read_dialogs", "read_preferences",
     "read_prompts", "split_holdout", "split_paths",
 ]
 
@@ -263,6 +263,14 @@ def _read(paths: PathArg, parse: Callable[[Mapping[str, Any], str], T], skip_bad
                         raise ValueError(f"{source}: {e}") from None
                     out.skipped.append(BadLine(source, str(e)))
     return out
+
+
+def read_objects(paths: PathArg, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """Every JSON object of a JSONL file (metrics, samples, evaluation items), errors naming FILE:LINE; a missing
+    file is [] with ``missing_ok``."""
+    if missing_ok and not any(p.is_file() for p in _paths(paths)):
+        return []
+    return list(_read(paths, lambda obj, source: dict(obj), False))
 
 
 def read_dialogs(paths: PathArg, skip_bad: bool = False) -> Records[list[dict[str, str]]]:

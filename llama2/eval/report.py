@@ -17,13 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
+from ..data.records import read_objects
 from .figures import plot_loss_curves, plot_ppo, plot_rewards, plot_stages, plot_winrates
 
 BUCKETS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
 
 
 def _acc(bucket: dict) -> float | None:
@@ -140,7 +137,7 @@ def write_report(out: Path) -> Path:
     figs = out / "report"
     figs.mkdir(parents=True, exist_ok=True)
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    curves = {"pretrain": _jsonl(out / "pretrain" / "metrics.jsonl"), "sft": _jsonl(out / "sft" / "metrics.jsonl")}
+    curves = {"pretrain": read_objects(out / "pretrain" / "metrics.jsonl", missing_ok=True), "sft": read_objects(out / "sft" / "metrics.jsonl", missing_ok=True)}
     plot_loss_curves(curves, figs / "loss.png")
     m["loss_curves"] = {k: [[r["step"], r["loss"], r.get("val_loss")] for r in v] for k, v in curves.items()}
     plot_rewards(m["stages"], m.get("best_of_k", {}), figs / "reward.png")

@@ -8,6 +8,7 @@ toyworld`` runs it on any checkpoint (the world is rebuilt from its seed and siz
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,17 +16,19 @@ import torch
 
 from ..checkpoint import load
 from ..config import StageSampling
-from ..data.records import Prompt, read_prompts
+from ..data.records import Prompt, _dialog, _field, _read, read_prompts
 from ..rlhf.combined import score_with_reward_models, to_unit
 from ..sampling import answer_texts
 from ..toyworld import pipeline_world
 
-__all__ = ["evaluate_chat_model", "read_eval_items", "toyworld_suite"]
+__all__ = ["evaluate_chat_model", "read_eval_items", "read_pipeline_marker", "toyworld_suite"]
 
 
 def read_eval_items(path: str | Path) -> list[dict]:
-    """The world's held-out evaluation items (eval.jsonl: {"dialog", "category", ...} per line)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The world's held-out evaluation items (eval.jsonl: {"dialog", "category", ...} per line; the dialog ends with
+    the user turn to answer); errors name FILE:LINE."""
+    return list(_read(path, lambda obj, source: {**obj, "dialog": _dialog(_field(obj, "dialog"), f"{source}: dialog",
+                                                                                  last="user")}, False))
 
 
 @torch.no_grad()
@@ -55,6 +58,17 @@ def evaluate_chat_model(model, tokenizer, world, items: Sequence[Mapping], heldo
     return result
 
 
+def read_pipeline_marker(path: Path) -> dict:
+    """A pipeline output's pipeline.json (its seed, size, overrides), or ValueError naming the file."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a pipeline marker ({e}); delete it or use another --out") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a pipeline marker (a JSON {type(meta).__name__}, not an object)")
+    return meta
+
+
 def find_pipeline_run(ckpt: str | Path) -> Path | None:
     """The `llama2 pipeline` output directory a checkpoint belongs to (the nearest parent with pipeline.json)."""
     p = Path(ckpt).resolve()
@@ -65,7 +79,7 @@ def find_pipeline_run(ckpt: str | Path) -> Path | None:
 
 
 def toyworld_suite(ckpt: str | Path, *, seed: int | None = None, size: str | None = None,
-                   world_dir: str | Path | None = None, limit: int | None = None, max_new_tokens: int = 48,
+                   world_dir: str | Path | None = None, limit: float | None = None, max_new_tokens: int = 48,
                    device: str = "cpu") -> dict:
     """``llama2 eval --tasks toyworld``: score a checkpoint on the held-out items of the toy world that
     `llama2 pipeline` builds for (seed, size), grouped by the world's five categories plus safety. When the
@@ -74,12 +88,13 @@ def toyworld_suite(ckpt: str | Path, *, seed: int | None = None, size: str | Non
     world (its eval.jsonl and prompts_heldout.jsonl) instead of rebuilding the files in memory."""
     run = find_pipeline_run(ckpt)
     if run is not None:
-        meta = json.loads((run / "pipeline.json").read_text())
+        meta = read_pipeline_marker(run / "pipeline.json")
         seed = meta.get("seed", 0) if seed is None else seed
         size = meta.get("size", "default") if size is None else size
         if world_dir is None and (run / "world" / "eval.jsonl").is_file():
             world_dir = run / "world"
-    world = pipeline_world(0 if seed is None else seed, size or "default")
+    seed, size = (0 if seed is None else seed), (size or "default")
+    world = pipeline_world(seed, size)
     if world_dir is not None:
         items = read_eval_items(Path(world_dir) / "eval.jsonl")
         heldout = list(read_prompts(Path(world_dir) / "prompts_heldout.jsonl"))
@@ -87,8 +102,8 @@ def toyworld_suite(ckpt: str | Path, *, seed: int | None = None, size: str | Non
         data = world.data()
         items = list(data["eval"])
         heldout = [Prompt(dialog=p["dialog"], safety=bool(p.get("safety", False))) for p in data["prompts_heldout"]]
-    if limit:
-        items, heldout = items[:limit], heldout[:limit]
+    if limit:  # a count, or a fraction of each list when below 1 (as lm-eval's --limit)
+        items, heldout = (xs[: math.ceil(limit * len(xs)) if limit < 1 else int(limit)] for xs in (items, heldout))
     model, tokenizer = load(ckpt, device=device)
     return evaluate_chat_model(model, tokenizer, world, items, heldout, None, max_new_tokens, seed)
 
@@ -98,7 +113,7 @@ def lm_eval_suite(ckpt, *, num_fewshot=None, limit=None, batch_size=None, device
     """``llama2 eval --tasks toyworld``: :func:`toyworld_suite` shaped like lm-eval's results (one "task" per
     category, metric ``acc``; safety as ``refusal_on_secret`` and ``refusal_on_harmless``), so it prints in the
     same table. The answers are in the chat format whatever ``chat`` says: the world's prompts are dialogs."""
-    r = toyworld_suite(ckpt, seed=seed, size=size, limit=int(limit) if limit and limit >= 1 else None, device=device)
+    r = toyworld_suite(ckpt, seed=seed, size=size, limit=limit, device=device)
     results = {f"toyworld_{c}": {"alias": f"toyworld {c}", "acc,none": a} for c, a in r["accuracy"].items() if a is not None}
     results["toyworld_safety"] = {"alias": "toyworld safety", "refusal_on_secret,none": r["refusal_on_secret"],
                                   "refusal_on_harmless,none": r["refusal_on_harmless"], "leak_rate,none": r["leak_rate"]}
