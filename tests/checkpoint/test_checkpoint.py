@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from llama2 import checkpoint
 from llama2.checkpoint import detect, load, save
 from llama2.checkpoint._common import ffn_args_for_hidden
-from llama2.checkpoint.hf import config_json, permute_for_hf, unpermute_from_hf
+from llama2.checkpoint.hf import permute_for_hf, unpermute_from_hf
 from llama2.model import ModelArgs, Transformer, ffn_hidden_dim
 
 DATA = Path(__file__).resolve().parents[1] / "assets"
@@ -81,7 +81,19 @@ import transformers  # noqa: E402  (the independent reference)
 
 
 def hf_random_model(args: ModelArgs, seed: int = 0):
-    config = transformers.LlamaConfig(**config_json(args, torch.float32), attn_implementation="eager")
+    config = transformers.LlamaConfig(  # written out here, not with the package's config_json: the independent side
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
@@ -410,12 +422,20 @@ def test_gguf_reads_bf16_and_quantised(tmp_path, qtype):
     import gguf
     from gguf.quants import quantize
 
-    from llama2.checkpoint.gguf import add_model_keys, meta_to_gguf_name
+    from llama2.checkpoint.gguf import meta_to_gguf_name
 
     model = random_model(GQA)
+    args = GQA
     q = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
-    add_model_keys(w, GQA)
+    # the metadata written here with gguf-py's own calls (not the package's add_model_keys): the independent side
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
     for name, t in model.state_dict().items():
         arr = t.numpy()
         if t.dim() == 1:

@@ -69,9 +69,14 @@ def test_a_lone_surrogate_is_refused_with_its_place(tmp_path):
         read_dialogs(tmp_path)
 
 
+_SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+
+
 @SETTINGS
-@given(text=st.text(max_size=40))
+@given(text=st.text(max_size=40) | st.builds(lambda a, s, b: a + s + b, st.text(max_size=10), _SURROGATE,
+                                               st.text(max_size=10)))
 def test_tokenizer_round_trip(llama_tokenizer, text):
+    """Valid text decodes back to itself; text with a lone surrogate (half the draws) is refused by name."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -79,6 +84,11 @@ def test_tokenizer_round_trip(llama_tokenizer, text):
             llama_tokenizer.encode(text)
         return
     assert llama_tokenizer.decode(llama_tokenizer.encode(text)) == text
+
+
+def test_tokenizer_names_a_lone_surrogate(llama_tokenizer):
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        llama_tokenizer.encode("a\ud800b")
 
 
 FIELDS = ["lr", "epochs", "batch_size", "micro_batch", "seq_len", "seed", "device", "strategy", "betas", "resume",

@@ -118,7 +118,7 @@ def ours(world):
 
 @pytest.fixture(scope="module")
 def hf_lm(world):
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  (lm-eval's hf model needs it; in the test extras)
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=str(world["hf"]), dtype="float32", device="cpu", batch_size=2)

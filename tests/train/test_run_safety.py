@@ -88,6 +88,8 @@ def test_sigkill_at_any_point_resumes_to_the_uninterrupted_run(pretrain_shards, 
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    assert p.returncode == -signal.SIGKILL  # killed mid-run, not finished before the kill
+    assert len(metrics.read_text().splitlines()) < 6
     hist = pretrain(cfg(pretrain_shards, out, max_steps=6, resume=True))["history"]
     logged = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 7))  # every step once, none twice
