@@ -456,7 +456,7 @@ def _add_data_and_run_commands(sub, chosen: str | None) -> None:
     p.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
     p.add_argument("--quick", action="store_true", help="a smaller world and model (about 2 minutes); same as --size quick")
     p.add_argument("--size", choices=("quick", "default", "large"), default=None,
-                   help="quick (CPU, ~2 min), default (CPU, ~12 min) or large (a 25M-parameter model and a bigger world "
+                   help="quick (CPU, ~2 min), default (CPU, ~12 min) or large (an 11M-parameter model and a bigger world "
                         "for one GPU, --device cuda)")
     p.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES + tuple(PIPELINE_ALIASES), default=None,
                    help="redo this stage and every later one (rlhf: the RLHF versions' annotation, reward models and "
@@ -519,8 +519,8 @@ def _add_eval_and_serve(sub) -> None:
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
-    """The command-line parser. With ``chosen``, only that command's module is imported (for its --help); without,
-    every command's help is complete."""
+    """The command-line parser. With ``chosen``, only that command's module is imported (for its --help; "" for
+    none); without, every command's help is complete (tests, docs)."""
     parser = argparse.ArgumentParser(
         prog="llama2",
         description="The Llama 2 recipe (Touvron et al., 2023): model, checkpoints, pretraining, SFT, reward models, "
@@ -548,7 +548,9 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = _command_of(argv)
-    parser = build_parser(chosen if chosen in (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "eval", "serve", "demo") else None)
+    known = (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "eval", "serve", "demo")
+    # `llama2 --help` or a bad command: no command's fields are shown, so none of their modules is imported ("")
+    parser = build_parser(chosen if chosen in known else "")
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("LLAMA2_DEBUG", "") not in ("", "0")
     try:

@@ -487,6 +487,23 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
 
+# -- stop strings ---------------------------------------------------------------------------------------------------
+def find_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [text.find(s) for s in stop_strings if s and s in text]
+    return min(hits) if hits else -1
+
+
+def ends_in_stop(tokenizer, tokens: Sequence[int], stop_strings: Sequence[str]) -> bool:
+    """Whether the text of the last tokens holds a stop string, checked after every new token. The window is long
+    enough for the longest stop string however it is tokenized (a character is at most 4 byte-fallback pieces),
+    plus two tokens so that a leading space is not lost at the window's start."""
+    if not stop_strings:
+        return False
+    window = 4 * max(len(s) for s in stop_strings) + 2
+    return find_stop(tokenizer.decode(list(tokens[-window:])), stop_strings) >= 0
+
+
 # -- a whole batch of prompts (what generate() runs) ---------------------------------------------------------------
 def _prefill_distinct(dec, prompts: Sequence[Sequence[int]], P: int, cache_len: int, chunk: int):
     """Prefill each distinct prompt once, left-padded to P, into a cache of len(prompts) rows of ``cache_len``
@@ -530,7 +547,6 @@ def generate_static(
     *,
     tokenizer=None,
     on_token: Callable[[int, int], None] | None = None,
-    find_stop: Callable[[str, Sequence[str]], int] | None = None,
 ) -> list[tuple[list[int], list[float] | None, str]]:
     """Decode ``prompts`` with the static engine; returns (tokens, logprobs, finish_reason) per prompt.
 
@@ -584,7 +600,7 @@ def generate_static(
                 out_lp[b].append(lps[i])
             if on_token is not None:
                 on_token(b, t)
-            if t in stop_set or (cfg.stop_strings and find_stop(tokenizer.decode(out_tokens[b][-32:]), cfg.stop_strings) >= 0):
+            if t in stop_set or ends_in_stop(tokenizer, out_tokens[b], cfg.stop_strings):
                 done[b], finish[b] = True, "stop"
         n_done = sum(done[b] for b in live)
         if n_done == len(live) or step == n_new - 1:
@@ -808,7 +824,7 @@ class Engine:
         reason = None
         if t in r.stops:
             reason = "stop"
-        elif r.params.stop_strings and any(x in self.tokenizer.decode(r.tokens[-32:]) for x in r.params.stop_strings):
+        elif ends_in_stop(self.tokenizer, r.tokens, r.params.stop_strings):
             reason = "stop"
         elif len(r.tokens) >= r.params.max_new_tokens:
             reason = "length"

@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .engine import SamplingParams
+from .engine import SamplingParams, ends_in_stop, find_stop, generate_static
 from .kv_cache import KVCache
 from .model import Transformer, causal_mask
 
@@ -124,10 +124,7 @@ def generate(
     if stop_tokens is None:
         stop_tokens = (tokenizer.eos_id,) if tokenizer is not None else ()
     if cfg.engine == "static" or (cfg.engine == "auto" and _static_engine_applies(model)):
-        from .engine import generate_static
-
-        rows = generate_static(model, prompts, cfg, stop_tokens, tokenizer=tokenizer, on_token=on_token,
-                               find_stop=_find_stop)
+        rows = generate_static(model, prompts, cfg, stop_tokens, tokenizer=tokenizer, on_token=on_token)
         return [_completion(toks, lps, reason, tokenizer, stop_tokens, cfg) for toks, lps, reason in rows]
     device = model.tok_embeddings.weight.device
     B, P = len(prompts), max(lengths)
@@ -178,7 +175,7 @@ def generate(
                 out_logprobs[b].append(lp[b])
             if on_token is not None:
                 on_token(b, t)
-            if t in stop_set or (cfg.stop_strings and _find_stop(tokenizer.decode(out_tokens[b][-32:]), cfg.stop_strings) >= 0):
+            if t in stop_set or ends_in_stop(tokenizer, out_tokens[b], cfg.stop_strings):
                 done[b], finish[b] = True, "stop"
         if all(done) or step == n_new - 1:
             break
@@ -207,15 +204,10 @@ def _completion(ids: list[int], logprobs, finish: str, tokenizer, stop_tokens, c
     if tokenizer is not None:
         shown = ids[:-1] if ids and ids[-1] in stop_tokens else ids
         text = tokenizer.decode(shown)
-        cut = _find_stop(text, cfg.stop_strings)
+        cut = find_stop(text, cfg.stop_strings)
         if cut >= 0:
             text = text[:cut]
     return Completion(ids, text, logprobs, finish)
-
-
-def _find_stop(text: str, stop_strings: Iterable[str]) -> int:
-    hits = [text.find(s) for s in stop_strings if s and s in text]
-    return min(hits) if hits else -1
 
 
 class TextStreamer:

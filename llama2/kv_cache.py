@@ -74,41 +74,18 @@ class KVCache(_Cache):
         self.v[layer, :B, start_pos:end] = v
         return self.k[layer, :B, :end], self.v[layer, :B, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only (and reorder) batch rows, e.g. to drop finished sequences."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
-
 
 class StaticKVCache(_Cache):
     """Keys and values of ``batch_size`` rows ("slots") of up to ``max_seq_len`` positions each.
 
-    k, v: (n_layers, B, KV, S, D). Row b's token at cache column c is written by ``write`` (one new token per row,
-    each row at its own column) or by ``update`` (a chunk of T tokens, the same columns for every row: prefill).
-    Columns hold whatever each row put there; which of them a query may see is the engine's attention mask.
+    k, v: (n_layers, B, KV, S, D). The engine's ``forward_cached`` writes each row's tokens at their columns (one
+    new token per row in a decode step, a chunk of columns in prefill). Columns hold whatever each row put there;
+    which of them a query may see is the engine's attention mask.
     """
 
     @staticmethod
     def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
         return (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
-
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, T, KV, D) keys/values of rows 0..B-1 at columns start_pos..start_pos+T; return views of all
-        keys and values of those rows up to there, (B, KV, start_pos+T, D)."""
-        B, T = k.shape[:2]
-        end = start_pos + T
-        if end > self.max_seq_len:
-            raise ValueError(f"KV cache overflow: position {end} > cache length {self.max_seq_len}")
-        self.k[layer, :B, :, start_pos:end] = k.transpose(1, 2)
-        self.v[layer, :B, :, start_pos:end] = v.transpose(1, 2)
-        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
-
-    def write(self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one token per row: k, v (B, KV, D) of rows 0..B-1 at column cols[b] (a (B,) long tensor, so
-        the positions stay data, not Python ints: one compiled step serves every position)."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[layer][rows, :, cols] = k  # index_put_: element b of (rows, cols) addresses k[layer, b, :, cols[b]]
-        self.v[layer][rows, :, cols] = v
 
     def select(self, index: torch.Tensor) -> None:
         """Row i becomes old row index[i], for i < len(index), in place (rows past that keep stale values): drops,

@@ -27,6 +27,8 @@ from torch import nn
 __all__ = ["Int8Linear", "quantize_int8", "is_quantized"]
 
 _DEQUANT_ROWS = 4096  # output rows dequantised at a time for multi-row inputs (a 4096 x 4096 block: 64 MiB fp32)
+_GEMV_ROWS = 64  # up to this many input rows (a decode batch) each read the int8 weight; more dequantise it
+_GEMV_ROWS_COMPILED = 8  # the same inside a compiled step, where each row is a kernel of the graph
 
 
 def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -82,12 +84,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         q, s = self.weight, self.scales.to(x.dtype)
-        if x2.shape[0] == 1 and torch.compiler.is_compiling():
+        n = x2.shape[0]
+        if n <= _GEMV_ROWS_COMPILED and torch.compiler.is_compiling():
             from .engine import materialize
 
-            out = _gemv_int8(materialize(x2), q, s)
-        elif x2.shape[0] == 1:
-            out = _eager_gemv(x2, q, s)
+            x2 = materialize(x2)
+            out = torch.cat([_gemv_int8(x2[i : i + 1], q, s) for i in range(n)]) if n > 1 else _gemv_int8(x2, q, s)
+        elif n <= _GEMV_ROWS and not torch.compiler.is_compiling():  # a decode batch: each row streams the int8
+            out = torch.cat([_eager_gemv(x2[i : i + 1], q, s) for i in range(n)]) if n > 1 else _eager_gemv(x2, q, s)
         else:
             from .engine import dense_linear  # the fp32 kernel choice (oneDNN on the CPU)
 

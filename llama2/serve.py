@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import UNSAFE_ERROR, fit_prompt, format_dialog, has_special_tags
-from .engine import Engine, SamplingParams, StepOutput
+from .engine import Engine, SamplingParams, StepOutput, find_stop
 from .generation import GenerationConfig, Llama
 
 __all__ = ["APIError", "BatchingLoop", "create_app", "running_server", "serve"]
@@ -275,12 +275,6 @@ class BatchingLoop:
 
 
 # -- one choice's text as its tokens arrive ---------------------------------------------------------------------------
-def _find_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Index of the earliest stop string in ``text``, or -1 (``generation._find_stop``'s rule)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters of ``text`` might be the beginning of a stop string (not safe to send yet)."""
     best = 0
@@ -332,14 +326,6 @@ class _Choice:
                 # "context": the sequence filled the model's context; OpenAI calls every budget limit "length"
                 self.finish_reason = "stop" if o.finish_reason == "stop" else "length"
 
-    def stopped_here(self, tokenizer) -> bool:
-        """Finish the choice on a stop string the engine has not reported: it tests a window of the last 32
-        tokens, so a stop string longer than the window is found only in the whole text. True: finished now."""
-        if self.done or not self.stops or _find_stop(tokenizer.decode(self.shown_ids()), self.stops) < 0:
-            return False
-        self.finish_reason = "stop"
-        return True
-
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
@@ -351,7 +337,7 @@ class _Choice:
     def text(self, tokenizer) -> tuple[str, bool]:
         """(the text that can no longer change, whether a stop string was found in it)."""
         text = tokenizer.decode(self.shown_ids())
-        cut = _find_stop(text, self.stops)
+        cut = find_stop(text, self.stops)
         if cut >= 0:
             text, final = text[:cut], True
         else:
@@ -498,11 +484,7 @@ class _Server:
                     if isinstance(item, BaseException):
                         raise APIError(500, f"generation failed: {type(item).__name__}: {item}", type="server_error")
                     c = choices[j]
-                    if c.done:  # finished by a stop string on our side; late tokens of the cancelled request
-                        continue
                     c.add(item)
-                    if c.stopped_here(self.tok):
-                        self.batcher.cancel(tickets[j])
                     touched.append(c)
                 if touched:
                     yield touched

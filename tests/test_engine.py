@@ -316,3 +316,18 @@ def test_engine_refuses_bad_settings_and_tokens_outside_the_vocabulary(model):
     with pytest.raises(ValueError, match="token -1 is outside"):
         eng.submit([1, -1], max_new_tokens=2)
     assert eng.submit([1, 5, 100], max_new_tokens=2) is not None
+
+
+def test_a_stop_string_longer_than_32_tokens_is_found(llama_tokenizer):
+    """The window of tokens decoded to look for a stop string follows the stop strings' length: digits are one
+    token each in the Llama 2 vocabulary, so a 40-digit stop string spans 40+ tokens (a fixed 32-token window, as
+    before, never saw it whole)."""
+    from llama2.engine import ends_in_stop
+
+    stop = "1234567890" * 4
+    ids = llama_tokenizer.encode("the code is " + stop)
+    assert len(llama_tokenizer.encode(stop)) > 32
+    assert ends_in_stop(llama_tokenizer, ids, [stop])
+    assert not ends_in_stop(llama_tokenizer, ids[:-1], [stop])
+    assert not ends_in_stop(llama_tokenizer, ids, [])
+    assert ends_in_stop(llama_tokenizer, llama_tokenizer.encode("say hi there"), [" hi"])  # a leading space is kept

@@ -27,7 +27,7 @@ def test_int8_linear_quantises_per_row_and_matches_its_dequantised_weight():
     err = (q.dequantize() - lin.weight).abs()
     assert (err <= q.scales[:, None] / 2 + 1e-7).all()  # round to nearest: at most half a step per weight
     with torch.inference_mode():
-        for rows in (1, 5):  # the one-row kernel (compiled on first use) and the dequantised matmul
+        for rows in (1, 5, 70):  # the one-row kernel (compiled on first use), row by row, the dequantised matmul
             x = torch.randn(rows, 48)
             torch.testing.assert_close(q(x), x @ q.dequantize().T, atol=1e-4, rtol=1e-4)
 

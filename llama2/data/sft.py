@@ -248,6 +248,11 @@ class PackedRow:
     def n_positions(self) -> int:
         return sum(len(d.ids) - 1 for d in self.docs)
 
+    @property
+    def n_targets(self) -> int:
+        """Positions that carry loss, ``(targets != IGNORE_INDEX).sum()``, without building the tensors."""
+        return sum(sum(d.loss_mask[1:]) for d in self.docs)
+
     def tensors(self, pad_id: int = 0) -> dict[str, torch.Tensor]:
         T = self.seq_len
         tokens = torch.full((T,), pad_id, dtype=torch.long)

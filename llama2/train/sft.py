@@ -158,7 +158,7 @@ def sft(cfg: SFTConfig) -> dict:
     # -- how a batch becomes a loss: a mean over every answer token of the global batch, whichever rank holds it --
     def batch(step: int) -> StepBatch:
         rows_of_step = [rows[i] for i in step_rows(len(rows), b.batch_size, cfg.run.seed, step)]
-        n_global = sum(int((r.targets != IGNORE_INDEX).sum()) for r in rows_of_step)
+        n_global = sum(r.n_targets for r in rows_of_step)
         mine = rows_of_step[d.rank * accum * b.micro_batch : (d.rank + 1) * accum * b.micro_batch]
         micros = [mine[i * b.micro_batch : (i + 1) * b.micro_batch] for i in range(accum)]
         return StepBatch(micros, units=max(n_global, 1),

@@ -295,6 +295,7 @@ def test_packed_targets_cover_exactly_the_assistant_tokens(tok):
         assert [x != -100 for x in tgt] == [bool(m) for m in ex.loss_mask[1:]]
         t += n
     assert (doc[t:] == -1).all() and (targets[t:] == -100).all() and (tokens[t:] == 0).all()
+    assert rows[0].n_targets == int((targets != -100).sum())  # what SFT counts per step without the tensors
 
 
 def test_packed_mask_is_causal_and_block_diagonal(tok):
