@@ -15,7 +15,7 @@ and here, on the CPU, as a smoke test:  .venv/bin/python benchmarks/bench_gpu.py
   B. one training step of a ~1.2B Llama-2-shaped model (dim 2048, 24 layers, 16 heads, 4 KV heads, vocab 32000),
      batch 8 x 2048, as the project's pretraining loop does it: fp32 weights, bf16 autocast (the project's autocast_for),
      loss = model(x, targets=y), backward, clip_grad_norm 1.0, the project's AdamW (make_optimizer). The same for HF
-     (labels=...), then ours with torch.compile per block (what start_training(compile=True) does).
+     (labels=...), then ours with torch.compile per block (what RunConfig.compile=true does).
   A2. HF generate with cache_implementation="static" at batch 1 (transformers compiles the decode step on CUDA);
      last, since its compile is the slowest item: the 7B models are rebuilt for it.
   C. the project's `llama2 pipeline --quick` on the GPU, only if the CLI's pipeline command has a device option.
@@ -456,25 +456,11 @@ def section_a(S: dict) -> dict:
     item(A, "bound_b1", bound, always=True)
 
     def compiled_option(res):
-        import llama2.generation as gen_mod
-        import llama2.kv_cache as kv_mod
-        import llama2.model as model_mod
+        import llama2.engine as engine_mod
 
-        hits = {}
-        for mod in (gen_mod, kv_mod, model_mod):
-            src = inspect.getsource(mod)
-            found = [w for w in ("torch.compile", ".compile(", "CUDAGraph", "cuda.graph", "cudagraph") if w in src]
-            if found:
-                hits[mod.__name__] = found
-        fields = [f for f in getattr(gen_mod.GenerationConfig, "__dataclass_fields__", {})
-                  if "compile" in f or "graph" in f]
-        res["available"] = bool(hits or fields)
-        res["found"] = hits
-        res["generation_config_fields"] = fields
-        res["note"] = ("the project's decoding has a compile/CUDA-graph option: not timed by this script"
-                       if res["available"] else
-                       "llama2.generation/kv_cache/model have no torch.compile or CUDA-graph option for decoding: "
-                       "nothing to time")
+        res["available"] = "torch.compile" in inspect.getsource(engine_mod)
+        res["note"] = ("'ours' decodes with the static engine's compiled step (llama2.engine; compile=True, CUDA "
+                       "graphs on CUDA), 'ours eager' with the same engine uncompiled")
         log(f"compiled decoding in the project: {res['note']}")
 
     item(A, "compiled_decode_option", compiled_option, always=True)
@@ -489,13 +475,10 @@ def section_a(S: dict) -> dict:
 
 # -- B: training -------------------------------------------------------------------------------------------------
 def train_api():
-    """(autocast_for, clip_grad_norm, make_optimizer) from the project's training package: llama2.train.loop and
-    llama2.train.dist since the training loop was reorganised, llama2.train.common before."""
-    try:
-        from llama2.train.dist import autocast_for, clip_grad_norm
-        from llama2.train.loop import make_optimizer
-    except ImportError:
-        from llama2.train.common import autocast_for, clip_grad_norm, make_optimizer
+    """(autocast_for, clip_grad_norm, make_optimizer) from the project's training package."""
+    from llama2.train.dist import autocast_for, clip_grad_norm
+    from llama2.train.loop import make_optimizer
+
     return autocast_for, clip_grad_norm, make_optimizer
 
 
@@ -524,7 +507,7 @@ def train_item(S: dict, kind: str, compile_blocks: bool = False):
             free()
             t += t2
         res["build_s"] = t
-        if compile_blocks:  # what start_training(compile=True) does
+        if compile_blocks:  # what RunConfig.compile=true does
             for block in model.layers:
                 block.compile()
         model.train()
@@ -600,23 +583,17 @@ def section_b(S: dict, no_compile: bool) -> None:
         Bd["ratio_ours_hf"] = o["tok_s"] / h["tok_s"]
         Bd["first_loss_diff"] = abs(o["losses"][0] - h["losses"][0])
         Bd["first_grad_norm_ratio"] = o["grad_norms"][0] / h["grad_norms"][0] if h["grad_norms"][0] else None
-    # does the project's training support compile? (PretrainConfig.compile -> start_training(compile=...))
+    # does the project's training support compile? (RunConfig.compile -> block.compile() in llama2.train.loop)
     import llama2
 
     cfg_dir = Path(llama2.__file__).resolve().parents[1] / "configs"
     cfg_hits = sorted(str(p.relative_to(cfg_dir)) for p in cfg_dir.rglob("*.yaml") if "compile" in p.read_text()) \
         if cfg_dir.is_dir() else []
-    try:  # the training loop compiles each block when its run config says compile=true
-        from llama2.train import loop
+    from llama2.train import loop  # the training loop compiles each block when its run config says compile=true
 
-        supported = "block.compile()" in inspect.getsource(loop)
-    except ImportError:
-        from llama2.train import common, pretrain
-
-        supported = "compile" in inspect.signature(common.start_training).parameters and \
-            "compile" in getattr(pretrain.PretrainConfig, "__dataclass_fields__", {})
+    supported = "block.compile()" in inspect.getsource(loop)
     Bd["compile_support"] = {"supported": supported, "configs_setting_compile": cfg_hits,
-                             "how": "start_training(compile=True): block.compile() for every TransformerBlock"}
+                             "how": "RunConfig.compile=true: block.compile() for every TransformerBlock"}
     if not supported:
         Bd["ours_compiled"] = {"skipped": "the project's training has no compile option"}
     elif no_compile:

@@ -26,12 +26,9 @@ from llama2.model import ModelArgs, Transformer  # noqa: E402
 
 
 def make_step(model):
-    try:
-        from llama2.train.loop import make_optimizer
+    from llama2.train.loop import make_optimizer
 
-        opt = make_optimizer(model, 3e-4, 0.1)
-    except ImportError:  # the training package is being reorganised: the same AdamW settings by hand
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, foreach=True)
+    opt = make_optimizer(model, 3e-4, 0.1)
 
     def step(x, y):
         loss = model(x, targets=y)

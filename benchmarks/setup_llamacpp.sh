@@ -2,9 +2,9 @@
 # Builds llama.cpp's Python binding (llama-cpp-python) for benchmarks/bench_inference.py, into build/llamacpp
 # (git-ignored), outside the project's .venv: the benchmark puts that folder on sys.path when it is there.
 # Never part of `make test`. It compiles llama.cpp from the sdist for this CPU (GGML_NATIVE: AVX2/AVX-512 as
-# the machine has them): about 8-15 minutes on 2 cores.
+# the machine has them): about 4-8 minutes on 2 cores.
 #
-#     bash benchmarks/setup_llamacpp.sh            # then: .venv/bin/python benchmarks/bench_inference.py --llamacpp
+#     bash benchmarks/setup_llamacpp.sh            # then: .venv/bin/python benchmarks/bench_inference.py --threads 2
 #
 # Its runtime dependencies that .venv lacks (diskcache) go into the same folder; numpy, jinja2 and
 # typing-extensions come from .venv (torch and the project already need them).

@@ -86,7 +86,7 @@ SIZES = {
         seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=150, sft=41, rlhf=220, ppo=36, gatt=188, eval=41,
                      report=1),
     ),
-    # For one GPU (--device cuda): a 25M-parameter model, a bigger world, larger batches, more RLHF versions. Its stage
+    # For one GPU (--device cuda): an 11M-parameter model (toy-25m at vocab 2,048), a bigger world, larger batches, more RLHF versions. Its stage
     # times are estimates (no GPU run yet), used only by the progress line.
     "large": dict(
         world="large", vocab=2048, model="toy-25m", seq_len=512, versions=4,
