@@ -18,9 +18,11 @@ import shutil
 from pathlib import Path
 
 from ..data.records import read_objects
+from ..rlhf.reward import TABLE8_BUCKETS
 from .figures import plot_loss_curves, plot_ppo, plot_rewards, plot_stages, plot_winrates
+from .gatt import format_adherence
 
-BUCKETS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
+BUCKETS = TABLE8_BUCKETS
 
 
 def _acc(bucket: dict) -> float | None:
@@ -208,10 +210,8 @@ def _markdown(out: Path, m: dict, found: list[dict]) -> list[str]:
                  + f" | {x['refusal_on_secret']:.0%} | {x['refusal_on_harmless']:.0%} | {x.get('leak_rate', float('nan')):.0%} |")
     L += ["", "![stages](report/stages.png)", ""]
     L += _markdown_rlhf(m)
-    L += ["## Ghost Attention: adherence per turn", "", "![gatt](report/gatt.png)", "",
-          "| turn | " + " | ".join(m["gatt"]["adherence"]) + " |", "|---|" + "---|" * len(m["gatt"]["adherence"])]
-    for i, t in enumerate(m["gatt"]["turns"]):
-        L.append(f"| {t} | " + " | ".join("-" if v[i] is None else f"{v[i]:.0%}" for v in m["gatt"]["adherence"].values()) + " |")
+    L += ["## Ghost Attention: adherence per turn", "", "![gatt](report/gatt.png)", ""]
+    L += format_adherence(m["gatt"]).splitlines()
     L += ["", "## A multi-turn chat with the final model", ""]
     for msg in m.get("sample_chat", []):
         L.append(f"> **{msg['role']}**: {msg['content']}  ")

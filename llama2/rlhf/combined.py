@@ -50,6 +50,17 @@ def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+def safety_decides(r_safety: torch.Tensor, other: torch.Tensor, is_safety_prompt: torch.Tensor,
+                   threshold: float = SAFETY_THRESHOLD) -> torch.Tensor:
+    """The 0.15 rule of §3.2.3 as a (B,) mask: where the safety model's reward R_s (in (0, 1)) is the one that
+    counts: on every prompt tagged safety and on any response it judges unsafe (R_s < threshold). ``other``, the
+    helpfulness scores, is only checked for its shape."""
+    if r_safety.shape != other.shape or r_safety.shape != is_safety_prompt.shape:
+        raise ValueError(f"safety {tuple(r_safety.shape)}, helpfulness {tuple(other.shape)} and "
+                         f"is_safety_prompt {tuple(is_safety_prompt.shape)} must have one shape")
+    return is_safety_prompt.bool() | (r_safety < threshold)
+
+
 def combined_reward(
     r_safety: torch.Tensor,
     r_helpfulness: torch.Tensor,
@@ -64,11 +75,7 @@ def combined_reward(
     unsafe (R_s < 0.15, chosen in the paper for a precision of 0.89 and recall of 0.55 on the Meta Safety test
     set).
     """
-    if r_safety.shape != r_helpfulness.shape or r_safety.shape != is_safety_prompt.shape:
-        raise ValueError(f"r_safety {tuple(r_safety.shape)}, r_helpfulness {tuple(r_helpfulness.shape)} and "
-                         f"is_safety_prompt {tuple(is_safety_prompt.shape)} must have one shape")
-    use_safety = is_safety_prompt.bool() | (r_safety < threshold)  # (B,)
-    return torch.where(use_safety, r_safety, r_helpfulness)
+    return torch.where(safety_decides(r_safety, r_helpfulness, is_safety_prompt, threshold), r_safety, r_helpfulness)
 
 
 def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -150,10 +157,7 @@ def combined_score(
         return helpfulness_scores.float()
     if helpfulness_scores is None:
         return safety_scores.float()
-    if safety_scores.shape != helpfulness_scores.shape or safety_scores.shape != is_safety_prompt.shape:
-        raise ValueError(f"safety {tuple(safety_scores.shape)}, helpfulness {tuple(helpfulness_scores.shape)} and "
-                         f"is_safety_prompt {tuple(is_safety_prompt.shape)} must have one shape")
-    use_safety = is_safety_prompt.bool() | (to_unit(safety_scores) < threshold)  # (B,)
+    use_safety = safety_decides(to_unit(safety_scores), helpfulness_scores, is_safety_prompt, threshold)  # (B,)
     return torch.where(use_safety, safety_scores.float(), helpfulness_scores.float())
 
 
