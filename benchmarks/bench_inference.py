@@ -55,23 +55,11 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def build_hf(model: Transformer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from llama2.checkpoint.hf import config_json
+
     a = model.args
-    cfg = LlamaConfig(
-        vocab_size=a.vocab_size,
-        hidden_size=a.dim,
-        intermediate_size=a.hidden_dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads,
-        rms_norm_eps=a.norm_eps,
-        rope_theta=a.rope_theta,
-        max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        attn_implementation="sdpa",
-    )
+    # the config our HF export writes (the run checks the two models' logits against each other)
+    cfg = LlamaConfig(**config_json(a, torch.float32), attn_implementation="sdpa")
     hf = LlamaForCausalLM(cfg)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]  # derived buffers, not weights

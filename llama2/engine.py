@@ -505,6 +505,39 @@ def ends_in_stop(tokenizer, tokens: Sequence[int], stop_strings: Sequence[str]) 
 
 
 # -- a whole batch of prompts (what generate() runs) ---------------------------------------------------------------
+class Outputs:
+    """Per-row tokens, logprobs and finish reasons of a batch being decoded (both generate loops record through it):
+    a row ends on a stop token or stop string ("stop"), else it ends "length" (max_new_tokens) or "context" (the
+    model's context filled first); ``on_token(row, token)`` is called in row order as tokens are recorded."""
+
+    def __init__(self, B: int, cfg, stop_tokens: Sequence[int], tokenizer, on_token, reason: str):
+        self.cfg, self.tokenizer, self.on_token, self.stops = cfg, tokenizer, on_token, set(stop_tokens)
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.logprobs: list[list[float]] | None = [[] for _ in range(B)] if cfg.logprobs else None
+        self.finish = [reason] * B
+        self.done = [False] * B
+
+    def record(self, rows: Sequence[int], toks: list[int], lps: list[float] | None) -> int:
+        """Record ``toks[i]`` (and ``lps[i]``) for row ``rows[i]`` unless that row is done; returns how many of
+        ``rows`` are done."""
+        for i, b in enumerate(rows):
+            if self.done[b]:
+                continue
+            t = toks[i]
+            self.tokens[b].append(t)
+            if self.logprobs is not None:
+                self.logprobs[b].append(lps[i])
+            if self.on_token is not None:
+                self.on_token(b, t)
+            if t in self.stops or ends_in_stop(self.tokenizer, self.tokens[b], self.cfg.stop_strings):
+                self.done[b], self.finish[b] = True, "stop"
+        return sum(self.done[b] for b in rows)
+
+    def rows(self) -> list[tuple[list[int], list[float] | None, str]]:
+        return [(self.tokens[b], self.logprobs[b] if self.logprobs is not None else None, self.finish[b])
+                for b in range(len(self.tokens))]
+
+
 def _prefill_distinct(dec, prompts: Sequence[Sequence[int]], P: int, cache_len: int, chunk: int):
     """Prefill each distinct prompt once, left-padded to P, into a cache of len(prompts) rows of ``cache_len``
     (rounded up like the attended length, so that calls of similar lengths share shapes, and a compiled step:
@@ -569,11 +602,9 @@ def generate_static(
     P = max(lengths)
     total = min(args.max_seq_len, P + cfg.max_new_tokens)
     n_new = total - P
-    finish = ["length" if n_new == cfg.max_new_tokens else "context"] * B
-    out_tokens: list[list[int]] = [[] for _ in range(B)]
-    out_lp: list[list[float]] | None = [[] for _ in range(B)] if cfg.logprobs else None
+    outs = Outputs(B, cfg, stop_tokens, tokenizer, on_token, "length" if n_new == cfg.max_new_tokens else "context")
     if n_new <= 0:
-        return [(out_tokens[b], out_lp[b] if out_lp else None, finish[b]) for b in range(B)]
+        return outs.rows()
 
     dec = decoder_for(model)
     dec.sig = dec.signature()
@@ -584,25 +615,11 @@ def generate_static(
     lp = _logprob(logits, tok) if want_lp else None
 
     live = list(range(B))  # original row of each batch row
-    done = [False] * B
-    stop_set = set(stop_tokens)
+    done = outs.done
     compile_ = cfg.compile
     for step in range(n_new):
         # record this step's tokens (host side: a (B,) copy, the only per-token sync)
-        toks = tok.tolist()
-        lps = lp.tolist() if lp is not None else None
-        for i, b in enumerate(live):
-            if done[b]:
-                continue
-            t = toks[i]
-            out_tokens[b].append(t)
-            if out_lp is not None:
-                out_lp[b].append(lps[i])
-            if on_token is not None:
-                on_token(b, t)
-            if t in stop_set or ends_in_stop(tokenizer, out_tokens[b], cfg.stop_strings):
-                done[b], finish[b] = True, "stop"
-        n_done = sum(done[b] for b in live)
+        n_done = outs.record(live, tok.tolist(), lp.tolist() if lp is not None else None)
         if n_done == len(live) or step == n_new - 1:
             break
         # compaction changes the batch size; a CUDA graph is recorded per size, so on CUDA with a compiled step
@@ -618,7 +635,7 @@ def generate_static(
         counters = torch.full((len(live),), step + 1, dtype=torch.long, device=device)
         tok, lp = dec.step(cache, tok, cols, starts, attn_bucket(col + 1, cache.max_seq_len), s, counters, mode, want_lp,
                            compile_)
-    return [(out_tokens[b], out_lp[b] if out_lp else None, finish[b]) for b in range(B)]
+    return outs.rows()
 
 
 # -- continuous batching --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .engine import SamplingParams, ends_in_stop, find_stop, generate_static
+from .engine import Outputs, SamplingParams, find_stop, generate_static
 from .kv_cache import KVCache
 from .model import Transformer, causal_mask
 
@@ -154,30 +154,15 @@ def generate(
 
     cache = KVCache.for_model(model, B, total)
     logits = model(tokens, 0, cache, mask, positions if ragged else None, last_only=True)[:, -1]  # (B, V)
-    out_tokens: list[list[int]] = [[] for _ in range(B)]
-    out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if cfg.logprobs else None
-    finish = ["length" if n_new == cfg.max_new_tokens else "context"] * B
-    done = [False] * B  # rows that hit a stop token or string keep decoding (in the batch) but record nothing
-    stop_set = set(stop_tokens)
+    # rows that hit a stop token or string keep decoding (in the batch) but record nothing
+    outs = Outputs(B, cfg, stop_tokens, tokenizer, on_token, "length" if n_new == cfg.max_new_tokens else "context")
     next_pos = positions[:, -1] + 1  # (B,)
 
     for step in range(n_new):
         nxt = sample_next(logits, cfg.temperature, cfg.top_p, cfg.top_k, gen)  # (B,)
-        if out_logprobs is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
-        nxt_list = nxt.tolist()
-        for b in range(B):
-            if done[b]:
-                continue
-            t = nxt_list[b]
-            out_tokens[b].append(t)
-            if out_logprobs is not None:
-                out_logprobs[b].append(lp[b])
-            if on_token is not None:
-                on_token(b, t)
-            if t in stop_set or ends_in_stop(tokenizer, out_tokens[b], cfg.stop_strings):
-                done[b], finish[b] = True, "stop"
-        if all(done) or step == n_new - 1:
+        lp = (torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+              if cfg.logprobs else None)
+        if outs.record(range(B), nxt.tolist(), lp) == B or step == n_new - 1:
             break
         start = P + step
         step_mask = valid[:, None, None, : start + 1] if ragged else None  # (B, 1, 1, S)
@@ -185,8 +170,7 @@ def generate(
         logits = model(nxt[:, None], start, cache, step_mask, step_pos, last_only=True)[:, -1]
         next_pos = next_pos + 1
 
-    return [_completion(out_tokens[b], out_logprobs[b] if out_logprobs else None, finish[b], tokenizer, stop_tokens, cfg)
-            for b in range(B)]
+    return [_completion(toks, lps, reason, tokenizer, stop_tokens, cfg) for toks, lps, reason in outs.rows()]
 
 
 def _static_engine_applies(model: Transformer) -> bool:
