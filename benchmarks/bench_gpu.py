@@ -118,7 +118,7 @@ def warm_up(fns: dict, res: dict) -> dict:
     kept = {}
     for k, f in fns.items():
         try:
-            timed(f)
+            res[f"{k}_warmup_s"] = timed(f)[0]  # includes compiling, where the variant compiles
             kept[k] = f
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -404,8 +404,9 @@ def section_a(S: dict) -> dict:
             res.update(batch=B, prompt_len=P, new_tokens=N, reps=S["reps"])
             gens = {"ours": lambda n: ours_generate(ours, prompts, n), "hf": lambda n: hf_generate(hf, ids, n),
                     "ours eager": lambda n: ours_generate(ours, prompts, n, engine="eager")}
-            # warm-up (kernels, allocator, cuBLAS handles); a variant that fails here is dropped and recorded
-            kept = warm_up({k: (lambda f=f: f(8)) for k, f in gens.items()}, res)
+            # warm-up at the full length (kernels, allocator, cuBLAS handles, and every attention bucket's compiled
+            # step and CUDA graph of ours); a variant that fails here is dropped and recorded
+            kept = warm_up({k: (lambda f=f: f(N)) for k, f in gens.items()}, res)
             gens = {k: gens[k] for k in kept}
             t1, _ = interleaved({k: (lambda f=f: f(1)) for k, f in gens.items()}, S["reps"])
             tn, last = interleaved({k: (lambda f=f: f(N)) for k, f in gens.items()}, S["reps"])
@@ -643,6 +644,50 @@ def section_a2(S: dict, no_compile: bool, ours_b1_e2e) -> None:
     item(R["A2"], "hf_static_b1", run, need=NEED_HF_STATIC)
 
 
+# -- D: batch-1 decode, ours against HF's static cache in one process ------------------------------------------------
+def section_d(S: dict) -> None:
+    """--b1-static: only batch-1 decode, ours (static engine, compiled step, CUDA graphs) and HF generate with its
+    static cache (which compiles its step), both warmed at the full length and then timed in turns, plus the
+    bandwidth bound; the short run that checks the two issue targets at batch 1 (~3 minutes on an H200)."""
+    def run(res):
+        args = S["a_args"]
+        P, N = S["prompt"], S["new"]
+        ours = build_ours(args, torch.bfloat16, seed=0).eval().requires_grad_(False)
+        hf = build_hf(ours, torch.bfloat16).eval().requires_grad_(False)
+        ids_cpu = torch.randint(3, args.vocab_size, (1, P), generator=torch.Generator().manual_seed(101))
+        ids, prompts = ids_cpu.to(DEV), ids_cpu.tolist()
+        gens = {"ours": lambda n: ours_generate(ours, prompts, n),
+                "hf_static": lambda n: hf_generate(hf, ids, n, static=True)}
+        kept = warm_up({k: (lambda f=f: f(N)) for k, f in gens.items()}, res)
+        t1, _ = interleaved({k: (lambda f=f: f(1)) for k in kept for f in [gens[k]]}, S["reps"])
+        tn, last = interleaved({k: (lambda f=f: f(N)) for k in kept for f in [gens[k]]}, S["reps"])
+        res.update(prompt_len=P, new_tokens=N, reps=S["reps"])
+        for k in kept:
+            m1, mn = med(t1[k]), med(tn[k])
+            res[k] = {"t_1_new_s": t1[k], f"t_{N}_new_s": tn[k], "e2e_new_tok_s": N / mn,
+                      "decode_tok_s": (N - 1) / (mn - m1), "step_ms": (mn - m1) / (N - 1) * 1e3}
+        o, h = res.get("ours"), res.get("hf_static")
+        if o and h:
+            res["ratio_e2e"] = o["e2e_new_tok_s"] / h["e2e_new_tok_s"]
+            res["ratio_decode"] = o["decode_tok_s"] / h["decode_tok_s"]
+            res["greedy_identical"] = last["ours"][0] == last["hf_static"][0]
+        bw = R["device_rates"].get("copy_bw_bytes_per_s")
+        if bw:
+            weight_bytes = (n_params(ours) - args.vocab_size * args.dim + args.dim) * 2
+            res["bound_tok_s"] = bw / weight_bytes
+            for k in kept:
+                res[k]["decode_frac_of_bound"] = res[k]["decode_tok_s"] / res["bound_tok_s"]
+                res[k]["e2e_frac_of_bound"] = res[k]["e2e_new_tok_s"] / res["bound_tok_s"]
+        log(f"b1: ours {fmt(o and o['e2e_new_tok_s'])} tok/s e2e ({fmt(o and o['step_ms'], '.2f')} ms/step), HF static "
+            f"{fmt(h and h['e2e_new_tok_s'])} ({fmt(h and h['step_ms'], '.2f')} ms/step): e2e x{fmt(res.get('ratio_e2e'), '.2f')}, "
+            f"steps x{fmt(res.get('ratio_decode'), '.2f')}; bound {fmt(res.get('bound_tok_s'), ',.0f')} tok/s, ours at "
+            f"{fmt(o and o.get('decode_frac_of_bound'), '.0%')} (steps) / {fmt(o and o.get('e2e_frac_of_bound'), '.0%')} (e2e)")
+        del ours, hf
+        gens.clear()
+
+    item(R.setdefault("D", {}), "b1_ours_vs_hf_static", run)
+
+
 # -- C: the project's pipeline on the GPU ------------------------------------------------------------------------
 def section_c(tiny: bool) -> None:
     def run(res):
@@ -769,6 +814,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-out", help="output directory (default $OUT)")
     ap.add_argument("--budget", type=float, default=330.0, help="no item starts after this many seconds (default 330)")
     ap.add_argument("--no-compile", action="store_true", help="skip ours+compile training; HF static without compile")
+    ap.add_argument("--b1-static", action="store_true",
+                    help="only batch-1 decode: ours against HF's static cache in turns, and the bandwidth bound")
     opts = ap.parse_args(argv)
     OUT = Path(opts.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -819,6 +866,11 @@ def main(argv=None) -> int:
     SHAPES.update(S)
     section("device rates")
     item(R, "device_rates", lambda res: device_rates(res, S))
+    if opts.b1_static:
+        section("D. batch-1 decode against HF's static cache")
+        section_d(S)
+        save()
+        return 0
     section("A. inference")
     a_out = {}
     try:

@@ -572,6 +572,35 @@ def _batch_sampler(cfg, B: int, device: torch.device) -> tuple[Sampler, str]:
     return s, mode
 
 
+_OVERLAP_DEVICES = ("cuda",)  # where generate_static queues the next step before reading this one's tokens
+
+
+class _Readback:
+    """The host's copy of a step's (B,) tokens and log-probabilities, taken without blocking: into pinned buffers
+    on CUDA, with an event that ``values`` waits on (so the device can run the next step meanwhile)."""
+
+    def __init__(self, B: int, want_lp: bool, device: torch.device):
+        pin = device.type == "cuda"
+        self.tok = torch.empty(B, dtype=torch.long, pin_memory=pin)
+        self.lp = torch.empty(B, dtype=torch.float32, pin_memory=pin) if want_lp else None
+        self.event = torch.cuda.Event() if pin else None
+        self.n = 0
+
+    def start(self, tok: torch.Tensor, lp: torch.Tensor | None) -> None:
+        self.n = n = tok.shape[0]
+        self.tok[:n].copy_(tok, non_blocking=True)
+        if self.lp is not None and lp is not None:
+            self.lp[:n].copy_(lp, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+
+    def values(self) -> tuple[list[int], list[float] | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        n = self.n
+        return self.tok[:n].tolist(), (self.lp[:n].tolist() if self.lp is not None else None)
+
+
 def generate_static(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -617,24 +646,46 @@ def generate_static(
     live = list(range(B))  # original row of each batch row
     done = outs.done
     compile_ = cfg.compile
+    # On CUDA the next step is queued before this step's tokens are read back (into pinned memory, behind an
+    # event), so the host's work per token (recording, stop tests, the step's launch and guards) overlaps the
+    # device's; elsewhere the step runs synchronously and there is nothing to overlap.
+    overlap = device.type in _OVERLAP_DEVICES
+    readback = _Readback(B, want_lp, device) if overlap else None
+
+    def launch(step: int, tok, starts, s):
+        col = P + step  # the column this step's token is written to
+        cols = torch.full((len(live),), col, dtype=torch.long, device=device)
+        counters = torch.full((len(live),), step + 1, dtype=torch.long, device=device)
+        return dec.step(cache, tok, cols, starts, attn_bucket(col + 1, cache.max_seq_len), s, counters, mode, want_lp,
+                        compile_)
+
     for step in range(n_new):
-        # record this step's tokens (host side: a (B,) copy, the only per-token sync)
-        n_done = outs.record(live, tok.tolist(), lp.tolist() if lp is not None else None)
-        if n_done == len(live) or step == n_new - 1:
+        last = step == n_new - 1
+        ahead = None
+        if overlap:
+            readback.start(tok, lp)
+            if not last:
+                ahead = launch(step, tok, starts, s)  # may compute one step past the end of every row: discarded
+            toks, lps = readback.values()
+        else:  # a (B,) copy to the host, the only per-token sync
+            toks, lps = tok.tolist(), (lp.tolist() if lp is not None else None)
+        n_done = outs.record(live, toks, lps)
+        if n_done == len(live) or last:
             break
         # compaction changes the batch size; a CUDA graph is recorded per size, so on CUDA with a compiled step
         # the batch keeps its shape (finished rows ride along) instead
-        if cfg.compact and n_done and n_done * 4 >= len(live) and not (compile_ and device.type == "cuda"):
+        compact = cfg.compact and n_done and n_done * 4 >= len(live) and not (compile_ and device.type == "cuda")
+        if ahead is not None:  # the step already ran on the old batch: compact its outputs with the cache
+            tok, lp = ahead
+        if compact:
             keep = [i for i, b in enumerate(live) if not done[b]]
             idx = torch.tensor(keep, device=device)
             cache.select(idx)
             tok, starts, s = tok[idx], starts[idx], s.select(idx)
+            lp = lp[idx] if (ahead is not None and lp is not None) else lp
             live = [live[i] for i in keep]
-        col = P + step  # the column this step's token is written to
-        cols = torch.full((len(live),), col, dtype=torch.long, device=device)
-        counters = torch.full((len(live),), step + 1, dtype=torch.long, device=device)
-        tok, lp = dec.step(cache, tok, cols, starts, attn_bucket(col + 1, cache.max_seq_len), s, counters, mode, want_lp,
-                           compile_)
+        if ahead is None:
+            tok, lp = launch(step, tok, starts, s)
     return outs.rows()
 
 

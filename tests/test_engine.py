@@ -113,6 +113,22 @@ def test_finished_rows_leave_the_batch_without_changing_outputs(model, monkeypat
     assert [o.tokens for o in again] == [o.tokens for o in greedy]
 
 
+@pytest.mark.parametrize("check", ["greedy", "context", "stops", "compaction"])
+def test_overlapped_readback_gives_the_same_outputs(model, monkeypatch, check):
+    """The CUDA loop (the next step queued before this step's tokens are read back, so one step may run past the
+    end) run on the CPU: every equality above still holds."""
+    import llama2.engine as engine
+
+    monkeypatch.setattr(engine, "_OVERLAP_DEVICES", ("cpu", "cuda"))
+    starts = []
+    real_start = engine._Readback.start
+    monkeypatch.setattr(engine._Readback, "start", lambda self, *a: (starts.append(1), real_start(self, *a))[1])
+    {"greedy": test_greedy_tokens_and_logprobs_equal_eager, "context": test_chunked_prefill_and_context_limit_equal_eager,
+     "stops": test_stop_tokens_strings_and_streaming_equal_eager,
+     "compaction": lambda m: test_finished_rows_leave_the_batch_without_changing_outputs(m, monkeypatch)}[check](model)
+    assert starts  # the overlapped path ran
+
+
 def test_sampled_rows_do_not_depend_on_the_batch(model):
     kw = dict(engine="static", temperature=1.0, top_p=1.0, max_new_tokens=15, stop_tokens=())
     a = generate(model, PROMPTS, seed=7, **kw)
