@@ -45,6 +45,7 @@ from torch import nn
 from .config import SamplingConfig
 from .kv_cache import StaticKVCache
 from .model import Transformer, apply_rope
+from .ops import ONEDNN_LINEAR
 
 __all__ = [
     "ATTN_BUCKET",
@@ -65,22 +66,13 @@ __all__ = [
 ATTN_BUCKET = 256
 """Decode steps attend over the first ceil(used / ATTN_BUCKET) * ATTN_BUCKET cache columns: few distinct shapes
 (one compiled graph each at most), and no attention over a long empty tail of the cache."""
+EAGER_ATTN_BUCKET = 32
+"""The bucket of ``generate``'s eager steps on the CPU, where no graph is kept per shape: a short answer after a
+short prompt attends over a few dozen columns, not 256 (sampling for PPO took 0.6 s instead of 1.0 s)."""
 
 
 # -- the matrix-vector kernel ---------------------------------------------------------------------------------------
-def _onednn_linear_works() -> bool:
-    if os.environ.get("LLAMA2_NO_ONEDNN"):  # an escape hatch, and the A/B switch of benchmarks/bench_inference.py
-        return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:
-        x, w = torch.randn(2, 8), torch.randn(4, 8)
-        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), x @ w.T, atol=1e-5)
-    except Exception:  # noqa: BLE001 - any failure means: use F.linear
-        return False
-
-
-_ONEDNN = _onednn_linear_works()
+_ONEDNN = ONEDNN_LINEAR  # llama2.ops: oneDNN's fp32 linear runs here (LLAMA2_NO_ONEDNN=1 turns it off)
 
 
 @torch.library.custom_op("llama2::onednn_linear", mutates_args=())
@@ -158,8 +150,10 @@ def forward_cached(
     cols: torch.Tensor,
     starts: torch.Tensor,
     attn_len: int,
+    last: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The transformer over a ``StaticKVCache``: final-normed hidden states of the last new token, (B, C).
+    """The transformer over a ``StaticKVCache``: final-normed hidden states of the last new token, (B, C) (or of
+    token ``last[b]`` of each row b, given ``last`` (B,): right-padded new tokens).
 
     tokens (B, T): new tokens; cols (B, T): the cache column each of them is written to (each row its own);
     starts (B,): row b's first real column (left padding before it). A token at column c has the
@@ -209,7 +203,8 @@ def forward_cached(
         x = _rms_norm(h, layer.ffn_norm)
         ff = layer.feed_forward
         h = h + linear(F.silu(linear(x, ff.w1)) * linear(x, ff.w3), ff.w2)
-    return _rms_norm(h[:, -1], model.norm)  # (B, C)
+    h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), last]
+    return _rms_norm(h, model.norm)  # (B, C)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -470,9 +465,10 @@ def decoder_for(model: Transformer) -> Decoder:
     return d
 
 
-def attn_bucket(n: int, limit: int) -> int:
-    """n rounded up to a multiple of ATTN_BUCKET, at most ``limit``."""
-    return min(limit, -(-n // ATTN_BUCKET) * ATTN_BUCKET)
+def attn_bucket(n: int, limit: int, bucket: int | None = None) -> int:
+    """n rounded up to a multiple of ``bucket`` (default ATTN_BUCKET), at most ``limit``."""
+    bucket = bucket or ATTN_BUCKET
+    return min(limit, -(-n // bucket) * bucket)
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -538,24 +534,48 @@ class Outputs:
                 for b in range(len(self.tokens))]
 
 
-def _prefill_distinct(dec, prompts: Sequence[Sequence[int]], P: int, cache_len: int, chunk: int):
+def _prefill_distinct(dec, prompts: Sequence[Sequence[int]], P: int, cache_len: int, chunk: int, fresh: bool = False):
     """Prefill each distinct prompt once, left-padded to P, into a cache of len(prompts) rows of ``cache_len``
     (rounded up like the attended length, so that calls of similar lengths share shapes, and a compiled step:
-    a new shape costs a recompile); rows that repeat a prompt copy its cache row. Returns (cache, last logits
-    (B, V), start column of each row (B,))."""
+    a new shape costs a recompile); rows that repeat a prompt copy its cache row. The distinct prompts are
+    prefilled shortest first, in groups of similar length, each group only over its own columns (a batch's
+    prompts differ in length severalfold, and padding to the longest made most of the prefill's work). ``fresh``:
+    a new cache even on CUDA (not one kept for the compiled step's graphs). Returns (cache, last logits (B, V),
+    start column of each row (B,))."""
     device = dec.model.tok_embeddings.weight.device
     uniq: dict[tuple[int, ...], int] = {}
     row_src = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
-    tokens = torch.zeros(len(uniq), P, dtype=torch.long, device=device)
-    for p, u in uniq.items():
-        tokens[u, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    starts_u = torch.tensor([P - len(p) for p in uniq], device=device)
-    cache = dec.cache(len(prompts), cache_len)
-    logits = dec.prefill(cache, tokens, starts_u, chunk=chunk)  # (U, V), rows 0..U-1 of the cache
-    index = torch.tensor(row_src, device=device)
-    if len(uniq) < len(prompts):
-        cache.select(index)
-    return cache, logits[index], starts_u[index]
+    distinct = sorted(uniq, key=len)  # cache row r holds distinct[r]
+    row_of = {p: r for r, p in enumerate(distinct)}
+    tokens = torch.zeros(len(distinct), P, dtype=torch.long, device=device)
+    for r, p in enumerate(distinct):
+        tokens[r, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+    starts_u = torch.tensor([P - len(p) for p in distinct], device=device)
+    cache = StaticKVCache.for_model(dec.model, len(prompts), cache_len) if fresh else dec.cache(len(prompts), cache_len)
+    logits = []
+    for r0, r1 in prefill_groups([len(p) for p in distinct]):
+        n = len(distinct[r1 - 1])  # the group's longest prompt: columns P - n .. P - 1
+        logits.append(dec.prefill(cache, tokens[r0:r1, P - n:], starts_u[r0:r1], col0=P - n, chunk=chunk,
+                                  rows=slice(r0, r1)))
+    logits = torch.cat(logits)  # (U, V), rows 0..U-1 of the cache
+    by_row = [row_of[p] for p in uniq]  # distinct prompt (first-seen order) -> its cache row
+    index = [by_row[u] for u in row_src]
+    if index != list(range(len(prompts))):
+        cache.select(torch.tensor(index, device=device))
+    index_t = torch.tensor(index, device=device)
+    return cache, logits[index_t], starts_u[index_t]
+
+
+def prefill_groups(lengths: Sequence[int], slack: float = 0.25, least: int = 8) -> list[tuple[int, int]]:
+    """Split prompts sorted by length into runs [r0, r1) that are prefilled together: a run grows while its longest
+    prompt is at most ``slack`` longer than its shortest (and at least ``least`` tokens), so padding stays a small
+    share of the work and a run costs one call per chunk."""
+    groups, r0 = [], 0
+    for r in range(1, len(lengths) + 1):
+        if r == len(lengths) or lengths[r] > lengths[r0] + max(least, int(lengths[r0] * slack)):
+            groups.append((r0, r))
+            r0 = r
+    return groups
 
 
 def _batch_sampler(cfg, B: int, device: torch.device) -> tuple[Sampler, str]:
@@ -637,7 +657,10 @@ def generate_static(
 
     dec = decoder_for(model)
     dec.sig = dec.signature()
-    cache, logits, starts = _prefill_distinct(dec, prompts, P, attn_bucket(total, args.max_seq_len), cfg.prefill_chunk)
+    # compiled steps (and CUDA graphs, kept per shape) want few shapes; eager CPU steps want short attention
+    bucket = ATTN_BUCKET if (cfg.compile or device.type != "cpu") else EAGER_ATTN_BUCKET
+    cache, logits, starts = _prefill_distinct(dec, prompts, P, attn_bucket(total, args.max_seq_len, bucket),
+                                              cfg.prefill_chunk)
     s, mode = _batch_sampler(cfg, B, device)
     want_lp = cfg.logprobs
     tok = sample_tokens(logits, s, uniforms(s.seeds, torch.zeros(B, dtype=torch.long, device=device)), mode)
@@ -656,8 +679,8 @@ def generate_static(
         col = P + step  # the column this step's token is written to
         cols = torch.full((len(live),), col, dtype=torch.long, device=device)
         counters = torch.full((len(live),), step + 1, dtype=torch.long, device=device)
-        return dec.step(cache, tok, cols, starts, attn_bucket(col + 1, cache.max_seq_len), s, counters, mode, want_lp,
-                        compile_)
+        return dec.step(cache, tok, cols, starts, attn_bucket(col + 1, cache.max_seq_len, bucket), s, counters, mode,
+                        want_lp, compile_)
 
     for step in range(n_new):
         last = step == n_new - 1

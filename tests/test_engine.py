@@ -12,6 +12,7 @@ from llama2.engine import (
     SamplingParams,
     StaticKVCache,
     decoder_for,
+    prefill_groups,
     sample_tokens,
     uniforms,
 )
@@ -44,6 +45,35 @@ def test_prefill_logits_match_the_model(model):
             got = Decoder(model).prefill(cache, tokens, starts, chunk=chunk)
             for b, p in enumerate(PROMPTS):
                 torch.testing.assert_close(got[b], model(torch.tensor([p]))[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_in_length_groups_gives_each_prompts_logits_and_cache(model):
+    """Distinct prompts prefilled shortest first in groups of similar length, each group over its own columns,
+    repeated prompts copied: every row's logits are the model's own for its prompt, and decoding on from that
+    cache gives the eager loop's tokens."""
+    from llama2.engine import _prefill_distinct, prefill_groups
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 101, (n,), generator=g).tolist() for n in (3, 30, 12, 3, 25, 14)]
+    prompts.insert(3, prompts[1])  # a repeat, away from its first copy
+    assert len(prefill_groups(sorted(len(p) for p in set(map(tuple, prompts))))) >= 3
+    P = max(map(len, prompts))
+    with torch.inference_mode():
+        cache, logits, starts = _prefill_distinct(decoder_for(model), prompts, P, 48, chunk=8)
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(logits[b], model(torch.tensor([p]))[0, -1], atol=1e-4, rtol=1e-4)
+            assert int(starts[b]) == P - len(p)
+    eager, static = both(model, prompts, temperature=0, max_new_tokens=10)
+    assert [s.tokens for s in static] == [e.tokens for e in eager]
+
+
+def test_prefill_groups_cover_sorted_lengths_with_bounded_padding():
+    lengths = sorted([1, 2, 2, 5, 9, 10, 11, 30, 31, 40, 80, 81, 200])
+    groups = prefill_groups(lengths)
+    assert [i for r0, r1 in groups for i in range(r0, r1)] == list(range(len(lengths)))  # in order, each once
+    for r0, r1 in groups:
+        assert lengths[r1 - 1] <= lengths[r0] + max(8, int(lengths[r0] * 0.25))
+    assert prefill_groups([]) == [] and prefill_groups([7]) == [(0, 1)]
 
 
 def test_greedy_tokens_and_logprobs_equal_eager(model):

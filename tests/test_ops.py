@@ -134,3 +134,21 @@ def test_model_targets_errors():
         tiny(head="scalar")(x, targets=x)
     with pytest.raises(ValueError, match="last_only"):
         tiny()(x, targets=x, last_only=True)
+
+
+def test_inference_linear_equals_the_layer_and_keeps_autograd():
+    """model.py's projections go through ops.inference_linear: outside autograd an fp32 CPU nn.Linear may take
+    oneDNN's kernel, which must give the layer's own product; with gradients on it is the layer itself."""
+    from llama2.ops import inference_linear
+
+    layer = torch.nn.Linear(48, 40, bias=False)
+    x = torch.randn(3, 7, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        assert inference_linear(layer, x).shape == (3, 7, 40)
+    y = inference_linear(layer, x)
+    assert y.requires_grad and y.grad_fn is not None
+    biased = torch.nn.Linear(48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_linear(biased, x), biased(x))
