@@ -162,29 +162,105 @@ class RewardModel:
         turn; an optional system message first)."""
         if len(dialogs) != len(responses):
             raise ValueError(f"{len(dialogs)} dialogs but {len(responses)} responses")
-        return self.score_ids([self.encode(d, r) for d, r in zip(dialogs, responses)], batch_size)
+        keys: dict[str, int] = {}
+        groups = [keys.setdefault(json.dumps(d, sort_keys=True), len(keys)) for d in dialogs]
+        return self.score_ids([self.encode(d, r) for d, r in zip(dialogs, responses)], batch_size, groups=groups)
 
     @torch.no_grad()
-    def score_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+    def score_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 16,
+                  groups: Sequence[int] | None = None) -> torch.Tensor:
         """Scores (N,) of already encoded sequences (each scored at its last token; longer than ``seq_len`` keeps
         its last ``seq_len`` tokens). Sequences are batched by length (less padding), right-padded, and the
-        scores returned in the input order."""
+        scores returned in the input order.
+
+        ``groups``: a label per sequence; sequences with the same label (answers to one dialog: rejection
+        sampling's K samples, a preference pair) share their common first tokens, which are then computed once
+        (the model is causal: a prefix's keys and values do not depend on what follows it). Scores equal the
+        separate ones to float rounding."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         seqs = [list(s)[-self.seq_len:] for s in ids]
         if any(not s for s in seqs):
             raise ValueError("cannot score an empty sequence")
+        if groups is not None and len(groups) != len(seqs):
+            raise ValueError(f"{len(groups)} group labels for {len(seqs)} sequences")
         out = torch.empty(len(seqs), dtype=torch.float32)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        members: dict[Any, list[int]] = {}
+        for i, g in enumerate(groups if groups is not None else range(len(seqs))):
+            members.setdefault(g, []).append(i)
+        shared = [m for m in members.values() if len(m) > 1]
+        alone = [m[0] for m in members.values() if len(m) == 1]
+        if shared:
+            self._score_shared(seqs, shared, batch_size, out)
+        self._score_plain(seqs, alone, batch_size, out)
+        return out
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _score_plain(self, seqs: list[list[int]], which: Sequence[int], batch_size: int, out: torch.Tensor) -> None:
+        order = sorted(which, key=lambda i: len(seqs[i]))
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             padded = pad_sequences([seqs[j] for j in idx])  # right-padded: plain causal attention scores exactly
             batch = {"tokens": padded.tokens, "attention_mask": padded.real, "last_index": padded.last_index}
-            with autocast:
+            with self._autocast():
                 values = score_batch(self.model, batch)  # (n,)
             out[torch.tensor(idx)] = values.float().cpu()
-        return out
+
+    def _score_shared(self, seqs: list[list[int]], groups: list[list[int]], batch_size: int, out: torch.Tensor) -> None:
+        """Score groups of sequences with a common prefix: each group's prefix (the longest one common to its
+        members, leaving each at least one token of its own) prefilled once into a static KV cache and copied to
+        its members' rows, then every member's own tokens run over it (llama2.engine), read at its last token.
+        About ``4 * batch_size`` rows a call (the rows are short: only the part after the prefix)."""
+        from ..engine import _prefill_distinct, decoder_for, forward_cached
+
+        def common(m: list[int]) -> int:
+            n = min(len(seqs[i]) for i in m) - 1  # every member keeps >= 1 token of its own
+            first = seqs[m[0]]
+            for i in m[1:]:
+                s = seqs[i]
+                k = 0
+                while k < n and s[k] == first[k]:
+                    k += 1
+                n = k
+            return n
+
+        plain: list[int] = []
+        work = []
+        for m in groups:
+            n = common(m)
+            if n < 1:
+                plain += m
+            else:
+                work.append((n, m))
+        work.sort(key=lambda w: w[0])  # similar prefix lengths share a call
+        dec, dev = decoder_for(self.model), self.device
+        rows_per_call = 4 * batch_size
+        i = 0
+        while i < len(work):
+            chunk, rows = [], 0
+            while i < len(work) and (not chunk or rows + len(work[i][1]) <= rows_per_call):
+                chunk.append(work[i])
+                rows += len(work[i][1])
+                i += 1
+            idx = [j for _, m in chunk for j in m]
+            prefixes = [seqs[j][:n] for n, m in chunk for j in m]
+            suffixes = [seqs[j][n:] for n, m in chunk for j in m]
+            P = max(len(p) for p in prefixes)
+            S = max(len(x) for x in suffixes)
+            with self._autocast():
+                cache, _, starts = _prefill_distinct(dec, prefixes, P, P + S, chunk=512, fresh=True)
+                tokens = torch.zeros(len(idx), S, dtype=torch.long, device=dev)
+                for r, x in enumerate(suffixes):
+                    tokens[r, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+                cols = torch.arange(P, P + S, device=dev).expand(len(idx), -1)
+                last = torch.tensor([len(x) - 1 for x in suffixes], device=dev)
+                h = forward_cached(self.model, cache.k, cache.v, tokens, cols, starts, P + S, last=last)  # (n, C)
+                values = self.model.output(h).squeeze(-1)
+            out[torch.tensor(idx)] = values.float().cpu()
+        if plain:
+            self._score_plain(seqs, plain, batch_size, out)
 
     def __call__(self, dialogs, responses, batch_size: int = 16) -> torch.Tensor:
         return self.score(dialogs, responses, batch_size)

@@ -146,3 +146,34 @@ def test_format_accuracy_table():
     assert [c.strip() for c in lines[3].strip("|").split("|")] == [
         "safety RM (no margin)", "-", "100.0", "-", "-", "100.0"]
     assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_answers_to_one_dialog_share_their_prefix_and_score_as_alone():
+    """RewardModel.score_ids with group labels computes a group's common first tokens once (prefilled into a KV
+    cache, then each member's own tokens): every score equals the one of the sequence scored alone, also for a
+    member that is a prefix of another, identical members, a group without a common prefix and a single."""
+    from llama2 import ModelArgs, Transformer
+    from llama2.rlhf.reward_model import RewardModel
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, max_seq_len=64,
+                     head="scalar")
+    rm = RewardModel(Transformer(args).init_weights(std=0.3, seed=2).eval(), tokenizer=object())
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n):
+        return torch.randint(3, 50, (n,), generator=g).tolist()
+
+    a, b = [1] + rand(20), [1] + rand(7)
+    seqs = [a + rand(5), a + rand(1), a, a + rand(12),  # group 0: one member is the prefix itself
+            b + rand(3), b + rand(3),                    # group 1
+            rand(9), rand(4),                            # group 2: nothing in common
+            a + rand(2), a + rand(2)[:0] + [7, 8],       # group 3: the same prompt as group 0, another label
+            rand(30)]                                    # group 4: alone
+    seqs.append(list(seqs[4]))                           # an identical member of group 1
+    groups = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 1]
+    alone = torch.stack([rm.score_ids([s])[0] for s in seqs])
+    shared = rm.score_ids(seqs, batch_size=2, groups=groups)  # several calls
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    assert shared[4] == shared[11] or abs(float(shared[4] - shared[11])) < 1e-6
+    with pytest.raises(ValueError, match="group labels"):
+        rm.score_ids(seqs, groups=[0])

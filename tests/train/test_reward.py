@@ -198,7 +198,12 @@ def test_checkpoint_round_trips(world, trained):
     in_memory = RewardModel(trained["result"]["model"], world["tok"], seq_len=96)
     prefs = read_preferences(world["prefs"])[-10:]
     dialogs, responses = [p.prompt for p in prefs] * 2, [p.chosen for p in prefs] + [p.rejected for p in prefs]
-    torch.testing.assert_close(loaded.score(dialogs, responses), in_memory.score(dialogs, responses), atol=0, rtol=0)
+    mem = in_memory.model.state_dict()
+    for name, t in loaded.model.state_dict().items():  # the round trip is exact
+        assert torch.equal(t, mem[name]), name
+    # the scores agree to float rounding: answers to one dialog are scored over a shared prefix through oneDNN's
+    # kernels, whose rounding can depend on where the weights lie in memory (a loaded file or the trained tensors)
+    torch.testing.assert_close(loaded.score(dialogs, responses), in_memory.score(dialogs, responses), atol=1e-5, rtol=1e-6)
     s = loaded.score(dialogs, responses)
     assert (s[:10] > s[10:]).float().mean() >= 0.9
 
