@@ -25,10 +25,11 @@ __all__ = ["sample_answers", "answer_texts"]
 @torch.no_grad()
 def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: StageSampling, *,
                    k: int = 1, seed: int = 0, purpose: str = "sample", desc: str | None = None,
-                   show: bool = True, prompts_out: list | None = None) -> list[list[Completion]]:
+                   show: bool = True, prompts_out: list | None = None, logprobs: bool = False) -> list[list[Completion]]:
     """``k`` completions of each dialog (ending with a user turn), in the input order: out[i][j] is sample j of
     dialog i. The model is put in eval mode while sampling and returned to its previous mode. ``prompts_out``, if
-    given, receives the prompt ids each dialog was fitted to (what the completions continue)."""
+    given, receives the prompt ids each dialog was fitted to (what the completions continue). ``logprobs``: each
+    completion also carries its tokens' log-probabilities under the model (temperature 1)."""
     was_training = model.training
     model.eval()
     context = model.args.max_seq_len
@@ -42,7 +43,7 @@ def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str
             if prompts_out is not None:
                 prompts_out += prompts
             rows = [p for p in prompts for _ in range(k)]  # (dialog 0 x k, dialog 1 x k, ...)
-            comps = generate(model, rows, tokenizer=tokenizer, seed=derive_seed(seed, purpose, b),
+            comps = generate(model, rows, tokenizer=tokenizer, seed=derive_seed(seed, purpose, b), logprobs=logprobs,
                              **sampling.generate_kwargs())
             out += [comps[i * k : (i + 1) * k] for i in range(len(chunk))]
             bar.update(len(rows))

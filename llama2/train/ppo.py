@@ -32,6 +32,7 @@ gather the weights for every token on every rank in lockstep.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -177,6 +178,7 @@ class Rollouts:
     tokens: torch.Tensor  # (B, L) prompt + answer, right-padded
     mask: torch.Tensor  # (B, L - 1) 1 where the *target* (the next token) is an answer token
     score: torch.Tensor  # (B,) LOGIT(R_c), raw-score units
+    old_lp: torch.Tensor | None = None  # (B, L - 1) the sampler's log-probs of the answer tokens (0 elsewhere)
 
     @property
     def r_c(self) -> torch.Tensor:
@@ -188,8 +190,12 @@ def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn
     """One sampled answer per prompt from the current policy, scored."""
     policy = unwrap(m.session.model)
     prompt_ids: list[list[int]] = []
+    # the policy's log-probs of its own samples come with them (the sampler computes them from the same weights,
+    # temperature 1): PPO's pi_old without another forward pass. Only where the training forward computes in fp32
+    # as the sampler does (under bf16 autocast the two would differ by bf16 rounding, and so would the first ratio)
+    exact_lp = isinstance(m.session.autocast, contextlib.nullcontext)
     comps = sample_answers(policy, m.tokenizer, [p.dialog for p in prompts], cfg.sampling, seed=seed, purpose="ppo",
-                           show=False, prompts_out=prompt_ids)
+                           show=False, prompts_out=prompt_ids, logprobs=exact_lp)
     answers = [c[0].tokens or [m.tokenizer.eos_id] for c in comps]  # an empty answer still ends with EOS
     texts = [c[0].text.strip() for c in comps]
     safety = torch.tensor([p.safety for p in prompts])
@@ -198,18 +204,30 @@ def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn
     padded = pad_sequences([p + a for p, a in zip(prompt_ids, answers)])
     L = padded.tokens.shape[1]
     mask = torch.zeros(len(answers), L - 1)
+    # an answer without the sampler's log-probs (an empty one, given EOS) leaves them all to _advantages
+    have_lp = exact_lp and all(c[0].tokens and c[0].logprobs is not None for c in comps)
+    old_lp = torch.zeros(len(answers), L - 1) if have_lp else None
     for i, (p, a) in enumerate(zip(prompt_ids, answers)):  # position t holds log p(token t+1)
         mask[i, len(p) - 1 : len(p) - 1 + len(a)] = 1.0
+        if old_lp is not None:
+            old_lp[i, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(comps[i][0].logprobs)
     dev = m.session.d.device
-    return Rollouts(padded.tokens.to(dev), mask.to(dev), score)
+    return Rollouts(padded.tokens.to(dev), mask.to(dev), score, None if old_lp is None else old_lp.to(dev))
 
 
 def _logprobs(model, tokens, mask, autocast, entropy: bool = False):
-    """Log-probabilities (B, L-1) of each next token, and (for monitoring, when asked) the mean entropy."""
+    """Log-probabilities (B, L-1) of each next token at the answer positions (``mask`` (B, L-1); 0 elsewhere), and
+    (for monitoring, when asked) their mean entropy. The LM head runs at those positions only (the prompt's
+    logits are never read)."""
+    answer = mask.bool()
+    select = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+    select[:, :-1] = answer
     with autocast:
-        logits = model(tokens)  # (B, L, V)
-    lp = token_logprobs(logits[:, :-1], tokens[:, 1:])  # (B, L-1)
-    return lp, (entropy_from_logits(logits[:, :-1].detach(), mask) if entropy else None)
+        logits = model(tokens, select=select)  # (N, V): the answer positions, row-major
+    lp_answer = token_logprobs(logits, tokens[:, 1:][answer])  # (N,)
+    lp = torch.zeros(mask.shape, dtype=lp_answer.dtype, device=lp_answer.device).masked_scatter(answer, lp_answer)
+    return lp, (entropy_from_logits(logits.detach(), torch.ones(logits.shape[0], device=logits.device))
+                if entropy else None)
 
 
 def row_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -219,14 +237,15 @@ def row_lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _by_length(ro: Rollouts, chunk: int, fn) -> torch.Tensor:
-    """fn (tokens (b, n) -> (b, n - 1)) over the rollouts in chunks of rows of similar length, each chunk cut to its
-    longest row, put back in order and zero past each chunk's cut: what fn(ro.tokens) gives on the mask, for the
-    compute of the rows' own lengths (the models are causal, so logits before a cut do not change)."""
+    """fn (tokens (b, n), mask (b, n - 1) -> (b, n - 1)) over the rollouts in chunks of rows of similar length, each
+    chunk cut to its longest row, put back in order and zero past each chunk's cut: what fn(ro.tokens, ro.mask)
+    gives on the mask, for the compute of the rows' own lengths (the models are causal, so logits before a cut do
+    not change)."""
     lengths = row_lengths(ro.mask)
     out = torch.zeros(ro.mask.shape, device=ro.tokens.device)
     for idx in torch.argsort(lengths, stable=True).split(chunk):
         n = int(lengths[idx].max())
-        out[idx, : n - 1] = fn(ro.tokens[idx, :n]).to(out.device, torch.float32)
+        out[idx, : n - 1] = fn(ro.tokens[idx, :n], ro.mask[idx, : n - 1]).to(out.device, torch.float32)
     return out
 
 
@@ -249,9 +268,10 @@ def _advantages(cfg: PPOConfig, m: Models, ro: Rollouts) -> dict:
     """Old log-probs, reference log-probs, old values, then eq. 4's per-token rewards with R~_c = WHITEN(LOGIT(R_c)),
     GAE advantages (whitened) and returns, with the value model on the scores' scale (whitened_advantages)."""
     ac, chunk = m.session.autocast, max(cfg.micro_batch, 1)
-    old_lp = _by_length(ro, chunk, lambda t: _logprobs(m.session.model, t, None, ac)[0])
-    ref_lp = _by_length(ro, chunk, lambda t: _logprobs(m.reference, t.to(m.frozen_device), None, ac)[0])
-    values = _by_length(ro, chunk, lambda t: _values(m.value, t, ac))
+    old_lp = (ro.old_lp if ro.old_lp is not None
+              else _by_length(ro, chunk, lambda t, mk: _logprobs(m.session.model, t, mk, ac)[0]))
+    ref_lp = _by_length(ro, chunk, lambda t, mk: _logprobs(m.reference, t.to(m.frozen_device), mk.to(m.frozen_device), ac)[0])
+    values = _by_length(ro, chunk, lambda t, mk: _values(m.value, t, ac))
     scale = _batch_scale(ro.score, m.session.d)
     w = whitened_advantages(ro.score.to(ro.tokens.device), values, old_lp, ref_lp, ro.mask,
                             cfg.kl_beta, cfg.gamma, cfg.lam, scale)

@@ -32,7 +32,9 @@ def test_one_iteration_raises_the_reward_of_a_token_preference(setup):
     hist = ppo(cfg, reward_fn=reward_fn)["history"]
     print("ppo mean reward by iteration:", [round(h["reward"], 4) for h in hist])
     assert len(hist) == 3
-    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts come from pi_0 itself
+    # the first rollouts come from pi_0 itself: the sampler's log-probs (PPO's pi_old, taken from the sampler in
+    # fp32) agree with the reference model's forward pass at every answer token
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert hist[2]["reward"] > hist[0]["reward"] + 0.04, [h["reward"] for h in hist]
     assert hist[2]["kl"] > 0  # it moved away from the reference, and the penalty sees it
     assert all(0 <= h["clip_fraction"] <= 1 and h["entropy"] > 0 for h in hist)
@@ -104,11 +106,34 @@ def test_rows_cut_to_their_length_give_the_full_batch_values():
     assert row_lengths(mask).tolist() == lengths
     with torch.no_grad():
         full = torch.log_softmax(model(tokens)[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
-        cut = _by_length(ro, 3, lambda t: torch.log_softmax(model(t)[:, :-1], -1).gather(-1, t[:, 1:, None])[..., 0])
+        cut = _by_length(ro, 3, lambda t, mk: torch.log_softmax(model(t)[:, :-1], -1).gather(-1, t[:, 1:, None])[..., 0])
     m = mask.bool()
     torch.testing.assert_close(cut[m], full[m], atol=1e-5, rtol=1e-5)
     assert cut.shape == full.shape
     assert (cut[lengths.index(3), 9 - 1 :] == 0).all()  # its chunk (lengths 3, 5, 9) was cut at 9 tokens
+
+
+def test_answer_only_log_probs_and_entropy_equal_the_full_logits():
+    """_logprobs runs the LM head at the answer positions only: the log-probs there (and their gradient) and the
+    mean entropy are those of the full logits, and every other position is 0."""
+    from llama2.model import ModelArgs, Transformer
+    from llama2.rlhf.ppo import entropy_from_logits
+    from llama2.train.ppo import _logprobs
+
+    model = Transformer(ModelArgs.from_preset("toy-tiny", vocab_size=97)).init_weights(seed=4)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, 97, (3, 12), generator=g)
+    mask = torch.zeros(3, 11)
+    mask[0, 4:9], mask[1, 2:11], mask[2, 7:8] = 1, 1, 1
+    lp, ent = _logprobs(model, tokens, mask, torch.autocast("cpu", enabled=False), entropy=True)
+    logits = model(tokens)[:, :-1]
+    full = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    torch.testing.assert_close(lp[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert (lp[~mask.bool()] == 0).all()
+    torch.testing.assert_close(ent, entropy_from_logits(logits.detach(), mask), atol=1e-5, rtol=1e-5)
+    g_sel = torch.autograd.grad(lp.sum(), model.output.weight)[0]
+    g_full = torch.autograd.grad((full * mask).sum(), model.output.weight)[0]
+    torch.testing.assert_close(g_sel, g_full, atol=1e-5, rtol=1e-4)
 
 
 def test_resume_is_refused_with_a_clear_error(setup):
