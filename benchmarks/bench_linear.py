@@ -1,0 +1,51 @@
+"""fp32 matrix products on the CPU: ``F.linear`` (MKL's sgemm in PyTorch's CPU wheels) against oneDNN's linear
+(``torch.ops.mkldnn._linear_pointwise``, what ``llama2.ops.inference_linear`` and the engine call), at the shapes
+of the toy pipeline's inference passes (dim 256, FFN 688, vocabulary 1024; rows = batch x tokens) and at
+bench-100m's (dim 768). Both kernels on the same tensors, in turns; median of 5 rounds.
+
+    .venv/bin/python benchmarks/bench_linear.py [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def per_call(fn, n: int) -> float:
+    for _ in range(5):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    onednn = torch.ops.mkldnn._linear_pointwise
+    print(f"torch {torch.__version__}, {a.threads} threads; ms per call (GFLOP/s)")
+    print("| rows | out x in | F.linear (MKL) | oneDNN | speed-up |\n|---|---|---|---|---|")
+    for rows in (64, 320, 1280):
+        for out_f, in_f in ((256, 256), (688, 256), (256, 688), (1024, 256), (768, 768), (2048, 768)):
+            x, w = torch.randn(rows, in_f), torch.randn(out_f, in_f)
+            torch.testing.assert_close(onednn(x, w, None, "none", [], ""), torch.nn.functional.linear(x, w),
+                                       atol=1e-3, rtol=1e-4)
+            n = max(20, int(2e9 / (2 * rows * out_f * in_f)))
+            mkl, dnn = [], []
+            for _ in range(5):
+                mkl.append(per_call(lambda: torch.nn.functional.linear(x, w), n))
+                dnn.append(per_call(lambda: onednn(x, w, None, "none", [], ""), n))
+            m, d = statistics.median(mkl), statistics.median(dnn)
+            flop = 2 * rows * out_f * in_f
+            print(f"| {rows} | {out_f} x {in_f} | {m * 1e3:.3f} ({flop / m / 1e9:.0f}) | {d * 1e3:.3f} "
+                  f"({flop / d / 1e9:.0f}) | {m / d:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
