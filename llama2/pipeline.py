@@ -83,7 +83,7 @@ SIZES = {
         # decorate every answer and loses task accuracy; README), several epochs.
         gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=8, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
         eval=dict(max_new_tokens=48, gatt_probes=48, gatt_turns=20, k_curve=8),
-        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=150, sft=41, rlhf=220, ppo=36, gatt=188, eval=41,
+        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=153, sft=39, rlhf=201, ppo=28, gatt=148, eval=35,
                      report=1),
     ),
     # For one GPU (--device cuda): an 11M-parameter model (toy-25m at vocab 2,048), a bigger world, larger batches, more RLHF versions. Its stage
