@@ -604,6 +604,7 @@ class _Readback:
         self.tok = torch.empty(B, dtype=torch.long, pin_memory=pin)
         self.lp = torch.empty(B, dtype=torch.float32, pin_memory=pin) if want_lp else None
         self.event = torch.cuda.Event() if pin else None
+        self.device = device
         self.n = 0
 
     def start(self, tok: torch.Tensor, lp: torch.Tensor | None) -> None:
@@ -611,8 +612,8 @@ class _Readback:
         self.tok[:n].copy_(tok, non_blocking=True)
         if self.lp is not None and lp is not None:
             self.lp[:n].copy_(lp, non_blocking=True)
-        if self.event is not None:
-            self.event.record()
+        if self.event is not None:  # on the stream of the model's device, which copies (not the current device's)
+            self.event.record(torch.cuda.current_stream(self.device))
 
     def values(self) -> tuple[list[int], list[float] | None]:
         if self.event is not None:

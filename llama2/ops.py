@@ -145,12 +145,12 @@ fp32 matrices 1.5-2x faster than ``F.linear``'s MKL sgemm on AMD processors, whe
 
 
 def inference_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; outside autograd (no_grad, inference_mode), a bias-free fp32 ``nn.Linear`` on the CPU takes
-    oneDNN's kernel instead of MKL's. Training keeps ``F.linear`` (the oneDNN op has no backward). The two agree to
+    """``layer(x)``; outside autograd (no_grad, inference_mode) and outside CPU autocast, a bias-free fp32
+    ``nn.Linear`` on the CPU takes oneDNN's kernel instead of MKL's. Training keeps ``F.linear`` (the oneDNN op has no backward). The two agree to
     float rounding."""
     if (ONEDNN_LINEAR and not torch.is_grad_enabled() and type(layer) is torch.nn.Linear and layer.bias is None
             and x.dtype == torch.float32 and layer.weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, None, "none", [], "")
         return out.view(*x.shape[:-1], layer.weight.shape[0])
     return layer(x)

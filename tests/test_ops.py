@@ -152,3 +152,13 @@ def test_inference_linear_equals_the_layer_and_keeps_autograd():
     biased = torch.nn.Linear(48, 40)
     with torch.no_grad():
         torch.testing.assert_close(inference_linear(biased, x), biased(x))
+
+
+def test_inference_linear_keeps_cpu_autocast():
+    """Under CPU autocast the projection computes (and returns) the autocast dtype, as the layer itself does."""
+    from llama2.ops import inference_linear
+
+    layer = torch.nn.Linear(32, 16, bias=False)
+    x = torch.randn(4, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert inference_linear(layer, x).dtype == layer(x).dtype == torch.bfloat16

@@ -239,10 +239,14 @@ class RewardModel:
         rows_per_call = 4 * batch_size
         i = 0
         while i < len(work):
-            chunk, rows = [], 0
-            while i < len(work) and (not chunk or rows + len(work[i][1]) <= rows_per_call):
+            chunk, rows, longest = [], 0, (0, 0)  # longest prefix, longest suffix: the call's cache is their sum
+            while i < len(work):
+                n, m = work[i]
+                grown = (max(longest[0], n), max(longest[1], max(len(seqs[j]) - n for j in m)))
+                if chunk and (rows + len(m) > rows_per_call or sum(grown) > self.model.args.max_seq_len):
+                    break  # (a group alone always fits: its sequences do)
                 chunk.append(work[i])
-                rows += len(work[i][1])
+                rows, longest = rows + len(m), grown
                 i += 1
             idx = [j for _, m in chunk for j in m]
             prefixes = [seqs[j][:n] for n, m in chunk for j in m]

@@ -192,8 +192,9 @@ def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn
     prompt_ids: list[list[int]] = []
     # the policy's log-probs of its own samples come with them (the sampler computes them from the same weights,
     # temperature 1): PPO's pi_old without another forward pass. Only where the training forward computes in fp32
-    # as the sampler does (under bf16 autocast the two would differ by bf16 rounding, and so would the first ratio)
-    exact_lp = isinstance(m.session.autocast, contextlib.nullcontext)
+    # as the sampler does (under bf16 autocast or with bf16 weights the two would differ by bf16 rounding, and so
+    # would the first ratio)
+    exact_lp = isinstance(m.session.autocast, contextlib.nullcontext) and policy.output.weight.dtype == torch.float32
     comps = sample_answers(policy, m.tokenizer, [p.dialog for p in prompts], cfg.sampling, seed=seed, purpose="ppo",
                            show=False, prompts_out=prompt_ids, logprobs=exact_lp)
     answers = [c[0].tokens or [m.tokenizer.eos_id] for c in comps]  # an empty answer still ends with EOS

@@ -177,3 +177,19 @@ def test_answers_to_one_dialog_share_their_prefix_and_score_as_alone():
     assert shared[4] == shared[11] or abs(float(shared[4] - shared[11])) < 1e-6
     with pytest.raises(ValueError, match="group labels"):
         rm.score_ids(seqs, groups=[0])
+
+
+def test_shared_prefix_calls_never_outgrow_the_context():
+    """Groups scored in one call share a cache of (longest prefix + longest suffix) columns: a call mixing a group
+    with a short prefix and a long answer and one with a long prefix must be split, not overflow the context."""
+    from llama2 import ModelArgs, Transformer
+    from llama2.rlhf.reward_model import RewardModel
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16, max_seq_len=32, head="scalar")
+    rm = RewardModel(Transformer(args).init_weights(std=0.3, seed=5).eval(), tokenizer=object())
+    g = torch.Generator().manual_seed(1)
+    short, long = [1, 4], [1] + torch.randint(3, 50, (27,), generator=g).tolist()
+    seqs = [short + torch.randint(3, 50, (28,), generator=g).tolist() for _ in range(2)]
+    seqs += [long + torch.randint(3, 50, (2,), generator=g).tolist() for _ in range(2)]
+    alone = torch.stack([rm.score_ids([s])[0] for s in seqs])
+    torch.testing.assert_close(rm.score_ids(seqs, groups=[0, 0, 1, 1]), alone, atol=1e-5, rtol=1e-5)
