@@ -129,6 +129,16 @@ def warm_up(fns: dict, res: dict) -> dict:
     return kept
 
 
+def decode_figures(t1: list, tn: list, B: int, N: int) -> dict:
+    """Figures of B rows decoding N new tokens from the times of 1 and of N new tokens: end to end, and of the N-1
+    cached single-token steps alone (t(N new) - t(1 new): the prefill cancels)."""
+    m1, mn = med(t1), med(tn)
+    steps = mn - m1
+    ok = steps > 0.05 * mn  # else timing noise swamps the difference (only seen on a busy CPU)
+    return {"t_1_new_s": t1, f"t_{N}_new_s": tn, "e2e_new_tok_s": B * N / mn,
+            "decode_tok_s": B * (N - 1) / steps if ok else None, "step_ms": steps / (N - 1) * 1e3 if ok else None}
+
+
 def section(name: str) -> None:
     log(f"==== {name}")
     R["timeline"].append({"section": name, "start_s": round(el(), 1)})
@@ -411,13 +421,7 @@ def section_a(S: dict) -> dict:
             t1, _ = interleaved({k: (lambda f=f: f(1)) for k, f in gens.items()}, S["reps"])
             tn, last = interleaved({k: (lambda f=f: f(N)) for k, f in gens.items()}, S["reps"])
             for k in gens:
-                m1, mn = med(t1[k]), med(tn[k])
-                steps = mn - m1  # the N-1 cached single-token steps (t(N new) - t(1 new): prefill cancels)
-                ok = steps > 0.05 * mn  # else timing noise swamps the difference (only seen on a busy CPU)
-                res[k] = {"t_1_new_s": t1[k], f"t_{N}_new_s": tn[k], "e2e_new_tok_s": B * N / mn,
-                          "decode_tok_s": B * (N - 1) / steps if ok else None,
-                          "step_ms": steps / (N - 1) * 1e3 if ok else None,
-                          "tokens_per_row": sorted({len(r) for r in last[k]})}
+                res[k] = {**decode_figures(t1[k], tn[k], B, N), "tokens_per_row": sorted({len(r) for r in last[k]})}
             o, h = res.get("ours", {}), res.get("hf", {})
             if o and h:
                 res["ratio_e2e"] = o["e2e_new_tok_s"] / h["e2e_new_tok_s"]
@@ -663,20 +667,19 @@ def section_d(S: dict) -> None:
         tn, last = interleaved({k: (lambda f=f: f(N)) for k in kept for f in [gens[k]]}, S["reps"])
         res.update(prompt_len=P, new_tokens=N, reps=S["reps"])
         for k in kept:
-            m1, mn = med(t1[k]), med(tn[k])
-            res[k] = {"t_1_new_s": t1[k], f"t_{N}_new_s": tn[k], "e2e_new_tok_s": N / mn,
-                      "decode_tok_s": (N - 1) / (mn - m1), "step_ms": (mn - m1) / (N - 1) * 1e3}
+            res[k] = decode_figures(t1[k], tn[k], 1, N)
         o, h = res.get("ours"), res.get("hf_static")
         if o and h:
             res["ratio_e2e"] = o["e2e_new_tok_s"] / h["e2e_new_tok_s"]
-            res["ratio_decode"] = o["decode_tok_s"] / h["decode_tok_s"]
+            if o["decode_tok_s"] and h["decode_tok_s"]:
+                res["ratio_decode"] = o["decode_tok_s"] / h["decode_tok_s"]
             res["greedy_identical"] = last["ours"][0] == last["hf_static"][0]
         bw = R["device_rates"].get("copy_bw_bytes_per_s")
         if bw:
             weight_bytes = (n_params(ours) - args.vocab_size * args.dim + args.dim) * 2
             res["bound_tok_s"] = bw / weight_bytes
             for k in kept:
-                res[k]["decode_frac_of_bound"] = res[k]["decode_tok_s"] / res["bound_tok_s"]
+                res[k]["decode_frac_of_bound"] = (res[k]["decode_tok_s"] or float("nan")) / res["bound_tok_s"]
                 res[k]["e2e_frac_of_bound"] = res[k]["e2e_new_tok_s"] / res["bound_tok_s"]
         log(f"b1: ours {fmt(o and o['e2e_new_tok_s'])} tok/s e2e ({fmt(o and o['step_ms'], '.2f')} ms/step), HF static "
             f"{fmt(h and h['e2e_new_tok_s'])} ({fmt(h and h['step_ms'], '.2f')} ms/step): e2e x{fmt(res.get('ratio_e2e'), '.2f')}, "

@@ -45,7 +45,7 @@ from torch import nn
 from .config import SamplingConfig
 from .kv_cache import StaticKVCache
 from .model import Transformer, apply_rope
-from .ops import ONEDNN_LINEAR
+from .ops import ONEDNN_LINEAR, onednn_linear
 
 __all__ = [
     "ATTN_BUCKET",
@@ -68,11 +68,10 @@ ATTN_BUCKET = 256
 (one compiled graph each at most), and no attention over a long empty tail of the cache."""
 EAGER_ATTN_BUCKET = 32
 """The bucket of ``generate``'s eager steps on the CPU, where no graph is kept per shape: a short answer after a
-short prompt attends over a few dozen columns, not 256 (sampling for PPO took 0.6 s instead of 1.0 s)."""
+short prompt attends over a few dozen columns, not 256 (benchmarks/RESULTS.md, the sampling stages)."""
 
 
 # -- the matrix-vector kernel ---------------------------------------------------------------------------------------
-_ONEDNN = ONEDNN_LINEAR  # llama2.ops: oneDNN's fp32 linear runs here (LLAMA2_NO_ONEDNN=1 turns it off)
 
 
 @torch.library.custom_op("llama2::onednn_linear", mutates_args=())
@@ -108,10 +107,10 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     if torch.compiler.is_compiling() and x2.shape[0] == 1:
         out = (materialize(x2) * w).sum(-1)[None]
-    elif _ONEDNN and torch.compiler.is_compiling():
+    elif ONEDNN_LINEAR and torch.compiler.is_compiling():
         out = _onednn_linear_op(x2, w)
-    elif _ONEDNN:  # eager: the aten op directly (a custom op's Python dispatch costs ~10 us a call)
-        out = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")
+    elif ONEDNN_LINEAR:  # eager: the aten op directly (a custom op's Python dispatch costs ~10 us a call)
+        out = onednn_linear(x2, w)
     else:
         out = F.linear(x2, w)
     return out.view(*x.shape[:-1], w.shape[0])
@@ -560,9 +559,9 @@ def _prefill_distinct(dec, prompts: Sequence[Sequence[int]], P: int, cache_len: 
     logits = torch.cat(logits)  # (U, V), rows 0..U-1 of the cache
     by_row = [row_of[p] for p in uniq]  # distinct prompt (first-seen order) -> its cache row
     index = [by_row[u] for u in row_src]
-    if index != list(range(len(prompts))):
-        cache.select(torch.tensor(index, device=device))
     index_t = torch.tensor(index, device=device)
+    if index != list(range(len(prompts))):
+        cache.select(index_t)
     return cache, logits[index_t], starts_u[index_t]
 
 

@@ -140,8 +140,13 @@ def _onednn_linear_works() -> bool:
 
 ONEDNN_LINEAR = _onednn_linear_works()
 """Whether oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``) runs on this machine. On x86 CPUs it multiplies
-fp32 matrices 1.5-2x faster than ``F.linear``'s MKL sgemm on AMD processors, where MKL does not use AVX-512
-(benchmarks/RESULTS.md), and reads a weight in a matrix-vector product 3-4x faster."""
+fp32 matrices faster than ``F.linear``'s MKL sgemm on AMD processors, where MKL does not use AVX-512, and reads a
+weight in a matrix-vector product faster (benchmarks/RESULTS.md; LLAMA2_NO_ONEDNN=1 turns it off)."""
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, in) @ w (out, in)^T through oneDNN, on the weight as it is (no copy, no prepacking): (M, out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def inference_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +156,5 @@ def inference_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if (ONEDNN_LINEAR and not torch.is_grad_enabled() and type(layer) is torch.nn.Linear and layer.bias is None
             and x.dtype == torch.float32 and layer.weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, None, "none", [], "")
-        return out.view(*x.shape[:-1], layer.weight.shape[0])
+        return onednn_linear(x.reshape(-1, x.shape[-1]), layer.weight).view(*x.shape[:-1], layer.weight.shape[0])
     return layer(x)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,16 +216,8 @@ class RewardModel:
         About ``4 * batch_size`` rows a call (the rows are short: only the part after the prefix)."""
         from ..engine import _prefill_distinct, decoder_for, forward_cached
 
-        def common(m: list[int]) -> int:
-            n = min(len(seqs[i]) for i in m) - 1  # every member keeps >= 1 token of its own
-            first = seqs[m[0]]
-            for i in m[1:]:
-                s = seqs[i]
-                k = 0
-                while k < n and s[k] == first[k]:
-                    k += 1
-                n = k
-            return n
+        def common(m: list[int]) -> int:  # the common prefix, leaving every member >= 1 token of its own
+            return min(len(os.path.commonprefix([seqs[i] for i in m])), min(len(seqs[i]) for i in m) - 1)
 
         plain: list[int] = []
         work = []
@@ -253,14 +246,12 @@ class RewardModel:
             suffixes = [seqs[j][n:] for n, m in chunk for j in m]
             P = max(len(p) for p in prefixes)
             S = max(len(x) for x in suffixes)
+            padded = pad_sequences(suffixes)  # right-padded after the prefix; each read at its own last token
             with self._autocast():
                 cache, _, starts = _prefill_distinct(dec, prefixes, P, P + S, chunk=512, fresh=True)
-                tokens = torch.zeros(len(idx), S, dtype=torch.long, device=dev)
-                for r, x in enumerate(suffixes):
-                    tokens[r, : len(x)] = torch.as_tensor(x, dtype=torch.long)
                 cols = torch.arange(P, P + S, device=dev).expand(len(idx), -1)
-                last = torch.tensor([len(x) - 1 for x in suffixes], device=dev)
-                h = forward_cached(self.model, cache.k, cache.v, tokens, cols, starts, P + S, last=last)  # (n, C)
+                h = forward_cached(self.model, cache.k, cache.v, padded.tokens.to(dev), cols, starts, P + S,
+                                   last=padded.last_index.to(dev))  # (n, C)
                 values = self.model.output(h).squeeze(-1)
             out[torch.tensor(idx)] = values.float().cpu()
         if plain:

@@ -143,7 +143,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 def autocast_for(device: torch.device, dtype: str = "auto"):
     """The compute-dtype context of the forward passes: ``auto`` is bf16 autocast on CUDA (weights and optimizer
     stay fp32) and nothing on CPU, where fp32 is the default (CPUs differ: without bf16 units bf16 is slower, while
-    an AMD EPYC with AVX512-BF16 multiplied bf16 matrices 4x faster than fp32, so ``dtype=bfloat16`` is a choice to
+    on some with AVX512-BF16 it is much faster (benchmarks/RESULTS.md), so ``dtype=bfloat16`` is a choice to
     measure on the machine at hand); ``bfloat16`` or ``float16`` autocast on any device; ``float32`` nothing."""
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
