@@ -102,8 +102,12 @@ def matmul_floor_seconds(args: ModelArgs, reps: int) -> tuple[float, int]:
     """Best-of-``reps`` seconds of the GEMMs a training step cannot avoid, run back to back with no model around
     them: for every projection and the head, y = x W^T, dx = dy W, dW = dy^T x (N = batch x seq rows), plus one
     SDPA forward + backward per layer. Every implementation of this fp32 step does at least this work with these
-    kernels; (step time - floor) is what an implementation can still win. Returns (seconds, number of GEMMs)."""
+    kernels; (step time - floor) is what an implementation can still win. The GEMMs run through the fastest fp32
+    kernel this machine offers our layers (``llama2.ops._mm_t``: oneDNN on x86 CPUs, else ``torch.matmul``), so the
+    floor binds ours, while transformers' ``F.linear`` may run slower ones. Returns (seconds, number of GEMMs)."""
     import torch.nn.functional as F
+
+    from llama2.ops import _mm_t as mm_t
 
     g = torch.Generator().manual_seed(0)
     N, c, kvd = BATCH * SEQ, args.dim, args.n_kv_heads * args.head_dim
@@ -120,7 +124,7 @@ def matmul_floor_seconds(args: ModelArgs, reps: int) -> tuple[float, int]:
     def run():
         for o, i in shapes:
             w, x, dy = ws[(o, i)], xs[i], dys[o]
-            F.linear(x, w), dy @ w, dy.T @ x
+            mm_t(x, w), mm_t(dy, w.T), mm_t(dy.T, x.T)  # y = x W^T, dx = dy W, dW = dy^T x
         for _ in range(args.n_layers):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.n_kv_heads != args.n_heads)
             torch.autograd.grad(out, (q, k, v), do)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import fused_linear_cross_entropy, inference_linear
+from .ops import fused_linear_cross_entropy, cpu_linear
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kv_cache import KVCache
@@ -219,9 +219,9 @@ class Attention(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = inference_linear(self.wq, x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = inference_linear(self.wk, x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        v = inference_linear(self.wv, x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = cpu_linear(self.wq, x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = cpu_linear(self.wk, x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = cpu_linear(self.wv, x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, KV, D), S = start_pos + T
@@ -234,7 +234,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
         )
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return inference_linear(self.wo, out)
+        return cpu_linear(self.wo, out)
 
 
 class FeedForward(nn.Module):
@@ -247,7 +247,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return inference_linear(self.w2, F.silu(inference_linear(self.w1, x)) * inference_linear(self.w3, x))
+        return cpu_linear(self.w2, F.silu(cpu_linear(self.w1, x)) * cpu_linear(self.w3, x))
 
 
 class TransformerBlock(nn.Module):
@@ -396,7 +396,7 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         elif select is not None:
             h = h[select]  # (N, C)
-        out = inference_linear(self.output, h)
+        out = cpu_linear(self.output, h)
         if self.args.head == "scalar":
             out = out.squeeze(-1)
         return out.float()  # as Meta: logits (and values) leave the model in fp32, whatever the compute dtype

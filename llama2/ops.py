@@ -42,6 +42,14 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T: through oneDNN for fp32 on the CPU (see :func:`onednn_linear`), else through ``torch.matmul``."""
+    if (ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and not torch.compiler.is_compiling()):
+        return onednn_linear(a, b)
+    return a @ b.T
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, compute_dtype, need_grad):
@@ -59,7 +67,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk_size):
             h = h_all[s : s + chunk_size]  # (n, C)
             n = h.shape[0]
-            logits = (h @ w.T).float()  # (n, V), fp32 for the softmax (a no-op cast in fp32)
+            logits = _mm_t(h, w).float()  # (n, V), fp32 for the softmax (a no-op cast in fp32)
             y, ok = targets[s : s + n], valid[s : s + n]
             y = torch.where(ok, y, 0)  # any class for ignored rows; they are masked below
             target_logit = logits.gather(1, y[:, None])  # (n, 1), read before the in-place ops below
@@ -78,9 +86,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g.scatter_add_(1, y[:, None], -row_scale)
             g = g.to(compute_dtype)
             if grad_h is not None:
-                grad_h[s : s + n] = g @ w  # (n, C)
+                grad_h[s : s + n] = _mm_t(g, w.T)  # (n, C)
             if grad_w is not None and compute_dtype == torch.float32:
-                grad_w.addmm_(g.T, h)  # (V, C), accumulated in place
+                grad_w.add_(_mm_t(g.T, h.T))  # (V, C): g^T h
             elif grad_w is not None:
                 grad_w.add_(g.T @ h)  # low-precision product, fp32 sum
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
@@ -149,12 +157,35 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def inference_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; outside autograd (no_grad, inference_mode) and outside CPU autocast, a bias-free fp32
-    ``nn.Linear`` on the CPU takes oneDNN's kernel instead of MKL's. Training keeps ``F.linear`` (the oneDNN op has no backward). The two agree to
-    float rounding."""
-    if (ONEDNN_LINEAR and not torch.is_grad_enabled() and type(layer) is torch.nn.Linear and layer.bias is None
-            and x.dtype == torch.float32 and layer.weight.dtype == torch.float32 and x.device.type == "cpu"
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ w^T with oneDNN in the forward and in both products of the backward: dx = dy @ w and
+    dw = dy^T @ x, each also an ``_linear_pointwise`` call on transposed views (oneDNN reads the strides; no copy)."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # x (M, in), w (out, in)
+        ctx.save_for_backward(x, w)
+        return onednn_linear(x, w)  # (M, out)
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (M, out)
+        x, w = ctx.saved_tensors
+        dx = onednn_linear(dy, w.t()) if ctx.needs_input_grad[0] else None  # (M, out) @ (out, in) = (M, in)
+        dw = onednn_linear(dy.t(), x.t()) if ctx.needs_input_grad[1] else None  # (out, M) @ (M, in) = (out, in)
+        return dx, dw
+
+
+def cpu_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, where on the CPU a bias-free fp32 ``nn.Linear`` outside autocast takes oneDNN's kernel instead
+    of MKL's sgemm, in training (forward and backward, :class:`_OneDNNLinear`) as in inference. The two agree to
+    float rounding; anything else (GPU, bf16, autocast, a bias, torch.compile, LLAMA2_NO_ONEDNN=1) is ``layer(x)``."""
+    if (ONEDNN_LINEAR and type(layer) is torch.nn.Linear and layer.bias is None and x.device.type == "cpu"
+            and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        return onednn_linear(x.reshape(-1, x.shape[-1]), layer.weight).view(*x.shape[:-1], layer.weight.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
+            y = _OneDNNLinear.apply(x2, layer.weight)
+        else:
+            y = onednn_linear(x2, layer.weight)
+        return y.view(*x.shape[:-1], layer.weight.shape[0])
     return layer(x)
+

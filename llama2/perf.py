@@ -11,6 +11,7 @@ import time
 import torch
 
 from .model import ModelArgs
+from .ops import ONEDNN_LINEAR, onednn_linear
 
 __all__ = ["matmul_params", "flops_per_token", "measure_matmul_flops", "peak_memory_bytes", "reset_peak_memory",
            "current_rss_bytes"]
@@ -48,7 +49,7 @@ _MATMUL_CACHE: dict[tuple, float] = {}
 def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
                          reps: int = 5) -> float:
     """FLOP/s of an (n x n) @ (n x n) matmul on ``device`` in ``dtype``: the best of ``reps`` timed runs after a
-    warm-up, 2 n^3 FLOPs each. Cached in-process per (device, dtype, n, CPU thread count), since it costs a
+    warm-up, 2 n^3 FLOPs each, of ``torch.mm`` and (CPU fp32) of oneDNN's linear, which the model's layers call. Cached in-process per (device, dtype, n, CPU thread count), since it costs a
     second or so."""
     device = torch.device(device)
     key = (str(device), dtype, n, torch.get_num_threads() if device.type == "cpu" else None)
@@ -59,14 +60,18 @@ def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype 
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.mm(a, b, out=out)  # warm-up: threads, caches, kernel selection
-    sync()
+    kernels = [lambda: torch.mm(a, b, out=out)]
+    if device.type == "cpu" and dtype == torch.float32 and ONEDNN_LINEAR:  # the kernel our CPU layers call
+        kernels.append(lambda: onednn_linear(a, b))
     best = float("inf")
-    for _ in range(max(1, reps)):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
+    for kernel in kernels:
+        kernel()  # warm-up: threads, caches, kernel selection
         sync()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(max(1, reps)):
+            t0 = time.perf_counter()
+            kernel()
+            sync()
+            best = min(best, time.perf_counter() - t0)
     _MATMUL_CACHE[key] = 2.0 * n**3 / best
     return _MATMUL_CACHE[key]
 

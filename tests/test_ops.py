@@ -136,29 +136,40 @@ def test_model_targets_errors():
         tiny()(x, targets=x, last_only=True)
 
 
-def test_inference_linear_equals_the_layer_and_keeps_autograd():
-    """model.py's projections go through ops.inference_linear: outside autograd an fp32 CPU nn.Linear may take
-    oneDNN's kernel, which must give the layer's own product; with gradients on it is the layer itself."""
-    from llama2.ops import inference_linear
+def test_cpu_linear_equals_the_layer_in_value_and_gradients():
+    """model.py's projections go through ops.cpu_linear: an fp32 CPU nn.Linear takes oneDNN's kernel (when it runs
+    here), in the forward and in both products of the backward; value and gradients must be the layer's own."""
+    from llama2.ops import ONEDNN_LINEAR, cpu_linear
 
+    torch.manual_seed(0)
     layer = torch.nn.Linear(48, 40, bias=False)
     x = torch.randn(3, 7, 48)
     with torch.no_grad():
-        torch.testing.assert_close(inference_linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cpu_linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
-        assert inference_linear(layer, x).shape == (3, 7, 40)
-    y = inference_linear(layer, x)
-    assert y.requires_grad and y.grad_fn is not None
+        assert cpu_linear(layer, x).shape == (3, 7, 40)
+    dy = torch.randn(3, 7, 40)
+    for x_grad, w_grad in ((True, True), (True, False), (False, True)):
+        xs = [x.clone().requires_grad_(x_grad) for _ in range(2)]
+        layer.weight.requires_grad_(w_grad)
+        y = cpu_linear(layer, xs[0])
+        if ONEDNN_LINEAR:
+            assert type(y.grad_fn.next_functions[0][0]).__name__.startswith("_OneDNNLinear")  # the path tested
+        got = torch.autograd.grad(y, [t for t, on in ((xs[0], x_grad), (layer.weight, w_grad)) if on], dy)
+        want = torch.autograd.grad(layer(xs[1]), [t for t, on in ((xs[1], x_grad), (layer.weight, w_grad)) if on], dy)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    layer.weight.requires_grad_(True)
     biased = torch.nn.Linear(48, 40)
     with torch.no_grad():
-        torch.testing.assert_close(inference_linear(biased, x), biased(x))
+        torch.testing.assert_close(cpu_linear(biased, x), biased(x))
 
 
-def test_inference_linear_keeps_cpu_autocast():
+def test_cpu_linear_keeps_cpu_autocast():
     """Under CPU autocast the projection computes (and returns) the autocast dtype, as the layer itself does."""
-    from llama2.ops import inference_linear
+    from llama2.ops import cpu_linear
 
     layer = torch.nn.Linear(32, 16, bias=False)
     x = torch.randn(4, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert inference_linear(layer, x).dtype == layer(x).dtype == torch.bfloat16
+        assert cpu_linear(layer, x).dtype == layer(x).dtype == torch.bfloat16
