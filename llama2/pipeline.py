@@ -7,7 +7,7 @@ formats real data uses, and writes a directory under OUT. A stage whose output i
 stopped pipeline resumes where it stopped; ``--from STAGE`` redoes that stage and every later one.
 
 The sizes are chosen for a 2-core CPU: ``quick`` (toy-tiny, about 2 minutes, what the test suite runs) and the
-default (toy-small, about 12 minutes on 2 cores). Pretraining takes many small steps rather than few large ones: on the
+default (toy-small, about 8-10 minutes on 2 cores). Pretraining takes many small steps rather than few large ones: on the
 default world, 500 steps of 2,048 tokens recall 90-95% of held-out facts after SFT where 120 steps of 8,192 tokens
 (the same 1M tokens, the same time) recalled 18%.
 """
@@ -83,7 +83,7 @@ SIZES = {
         # decorate every answer and loses task accuracy; README), several epochs.
         gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=8, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
         eval=dict(max_new_tokens=48, gatt_probes=48, gatt_turns=20, k_curve=8),
-        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=153, sft=39, rlhf=201, ppo=28, gatt=148, eval=35,
+        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=102, sft=29, rlhf=148, ppo=24, gatt=106, eval=37,
                      report=1),
     ),
     # For one GPU (--device cuda): an 11M-parameter model (toy-25m at vocab 2,048), a bigger world, larger batches, more RLHF versions. Its stage
