@@ -42,12 +42,15 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _onednn_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a product of these fp32 CPU tensors may go through oneDNN (see :func:`onednn_linear`)."""
+    return (ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and not torch.compiler.is_compiling())
+
+
 def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T: through oneDNN for fp32 on the CPU (see :func:`onednn_linear`), else through ``torch.matmul``."""
-    if (ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
-            and not torch.compiler.is_compiling()):
-        return onednn_linear(a, b)
-    return a @ b.T
+    """a @ b.T: through oneDNN for fp32 on the CPU, else through ``torch.matmul``."""
+    return onednn_linear(a, b) if _onednn_ok(a, b) else a @ b.T
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -87,8 +90,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g = g.to(compute_dtype)
             if grad_h is not None:
                 grad_h[s : s + n] = _mm_t(g, w.T)  # (n, C)
-            if grad_w is not None and compute_dtype == torch.float32:
-                grad_w.add_(_mm_t(g.T, h.T))  # (V, C): g^T h
+            if grad_w is not None and compute_dtype == torch.float32 and _onednn_ok(g, h):
+                grad_w.add_(onednn_linear(g.T, h.T))  # (V, C): g^T h
+            elif grad_w is not None and compute_dtype == torch.float32:
+                grad_w.addmm_(g.T, h)  # (V, C), accumulated in place
             elif grad_w is not None:
                 grad_w.add_(g.T @ h)  # low-precision product, fp32 sum
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
