@@ -183,9 +183,8 @@ def cpu_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``, where on the CPU a bias-free fp32 ``nn.Linear`` outside autocast takes oneDNN's kernel instead
     of MKL's sgemm, in training (forward and backward, :class:`_OneDNNLinear`) as in inference. The two agree to
     float rounding; anything else (GPU, bf16, autocast, a bias, torch.compile, LLAMA2_NO_ONEDNN=1) is ``layer(x)``."""
-    if (ONEDNN_LINEAR and type(layer) is torch.nn.Linear and layer.bias is None and x.device.type == "cpu"
-            and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+    if (type(layer) is torch.nn.Linear and layer.bias is None and _onednn_ok(x, layer.weight)
+            and not torch.is_autocast_enabled("cpu")):
         x2 = x.reshape(-1, x.shape[-1])
         if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
             y = _OneDNNLinear.apply(x2, layer.weight)

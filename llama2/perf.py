@@ -11,7 +11,7 @@ import time
 import torch
 
 from .model import ModelArgs
-from .ops import ONEDNN_LINEAR, onednn_linear
+from .ops import _onednn_ok, onednn_linear
 
 __all__ = ["matmul_params", "flops_per_token", "measure_matmul_flops", "peak_memory_bytes", "reset_peak_memory",
            "current_rss_bytes"]
@@ -49,8 +49,8 @@ _MATMUL_CACHE: dict[tuple, float] = {}
 def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
                          reps: int = 5) -> float:
     """FLOP/s of an (n x n) @ (n x n) matmul on ``device`` in ``dtype``: the best of ``reps`` timed runs after a
-    warm-up, 2 n^3 FLOPs each, of ``torch.mm`` and (CPU fp32) of oneDNN's linear, which the model's layers call. Cached in-process per (device, dtype, n, CPU thread count), since it costs a
-    second or so."""
+    warm-up, 2 n^3 FLOPs each, of ``torch.mm`` and (CPU fp32) of oneDNN's linear, which the model's layers call.
+    Cached in-process per (device, dtype, n, CPU thread count), since it costs a second or so."""
     device = torch.device(device)
     key = (str(device), dtype, n, torch.get_num_threads() if device.type == "cpu" else None)
     if key in _MATMUL_CACHE:
@@ -61,7 +61,7 @@ def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype 
     out = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     kernels = [lambda: torch.mm(a, b, out=out)]
-    if device.type == "cpu" and dtype == torch.float32 and ONEDNN_LINEAR:  # the kernel our CPU layers call
+    if _onednn_ok(a, b):  # the kernel our CPU layers call
         kernels.append(lambda: onednn_linear(a, b))
     best = float("inf")
     for kernel in kernels:
