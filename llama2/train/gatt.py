@@ -6,7 +6,8 @@ GAtt makes a model keep following an instruction given once, at the start of a d
    turn with the latest model while the instruction, in full, is *concatenated to every user message*, so each
    answer is sampled knowing it. ``k`` samples per turn; the kept one must pass the
    instruction's rule checker (our toy instructions are verifiable), and among those the reward model's
-   favourite (if one is given) or the first. A dialog whose turn has no passing sample ends before that turn.
+   favourite (if one is given) or the first. A turn with no passing sample is tried again with another user
+   message from the pool (``retries`` times); a dialog ends before a turn that still has none.
 2. training data: the instruction kept only in the first turn (the system message by default, or a prefix of
    the first user message: ``place``), in its short form half the time, removed from the other user messages; the loss is zero on every token
    of the earlier turns, including their answers ("we simply set the loss to 0 for all the tokens from the
@@ -59,6 +60,11 @@ class GattConfig:
     """Combine up to this many instructions of different families (the paper also combines constraints)."""
     place: str = "system"
     """Where the training data keeps the instruction: system (the system message) or prefix (of the first user turn)."""
+    retries: int = 3
+    """When none of a turn's ``k`` samples follows the instruction, try the turn again this many times, each with
+    another user message drawn from the pool and ``k`` fresh samples, before the dialog ends there (0: it ends at
+    once). Without retries a hard instruction's dialogs end after a turn or two, so the later turns of the
+    training data hold only the easy instructions and the model keeps only those (README, GAtt)."""
     every_turn: bool = True
     """One training example per sampled turn (loss on that turn's answer only); false: one per dialog (its last answer)."""
     replay: str = ""
@@ -72,6 +78,7 @@ class GattConfig:
     def __post_init__(self) -> None:
         check(self.turns >= 0, "turns", self.turns, ">= 0")
         check(self.k >= 1, "k", self.k, ">= 1")
+        check(self.retries >= 0, "retries", self.retries, ">= 0")
         check(0 <= self.short_prob <= 1, "short_prob", self.short_prob, "in [0, 1]")
         check(self.max_constraints >= 1, "max_constraints", self.max_constraints, ">= 1")
         check(self.place in ("system", "prefix"), "place", self.place, "system or prefix")
@@ -100,29 +107,39 @@ def sample_gatt_dialogs(model, tokenizer, dialogs, cfg: GattConfig, rm: RewardMo
     plans = _plans(dialogs, cfg)
     sampled = [[] for _ in plans]  # the dialog so far, instruction in every user turn
     alive = set(range(len(plans)))
-    counts = {"dialogs": len(plans), "turns_sampled": 0, "turns_kept": 0, "ended_early": 0}
+    counts = {"dialogs": len(plans), "turns_sampled": 0, "turns_kept": 0, "ended_early": 0, "retried": 0}
+    pool = user_messages(dialogs)
     n_turns = max(len(u) for _, _, u in plans)
     bar = tqdm(total=sum(len(u) for _, _, u in plans), desc="gatt: sampling turns", disable=not (show and sys.stderr.isatty()))
     for t in range(n_turns):
-        active = [i for i in sorted(alive) if t < len(plans[i][2])]
-        if not active:
-            break
-        contexts = [with_instruction_every_turn(sampled[i] + [{"role": "user", "content": plans[i][2][t]}],
-                                                plans[i][0].long) for i in active]
-        comps = sample_answers(model, tokenizer, contexts, cfg.sampling, k=cfg.k,
-                               seed=derive_seed(cfg.run.seed, "gatt/turn", t), purpose="gatt", show=False)
-        for i, ctx, row in zip(active, contexts, comps):
-            counts["turns_sampled"] += 1
-            ok = [a for a in (c.text.strip() for c in row) if a and plans[i][0].check(a)]
-            if not ok:  # no sample follows the instruction: the dialog ends before this turn
-                alive.discard(i)
-                counts["ended_early"] += 1
-                continue
-            if rm is not None and len(ok) > 1:
-                ok = [ok[int(rm.score([ctx] * len(ok), ok).argmax())]]
-            sampled[i] += [{"role": "user", "content": plans[i][2][t]}, {"role": "assistant", "content": ok[0]}]
-            counts["turns_kept"] += 1
-        bar.update(len(active))
+        pending = [i for i in sorted(alive) if t < len(plans[i][2])]
+        for attempt in range(cfg.retries + 1):
+            if not pending:
+                break
+            if attempt:  # another user message for each dialog whose turn failed (the plan's list is updated in place)
+                for i in pending:
+                    plans[i][2][t] = random.Random(derive_seed(cfg.run.seed, "gatt/retry", i, t, attempt)).choice(pool)
+                counts["retried"] += len(pending)
+            contexts = [with_instruction_every_turn(sampled[i] + [{"role": "user", "content": plans[i][2][t]}],
+                                                    plans[i][0].long) for i in pending]
+            seed = derive_seed(cfg.run.seed, "gatt/turn", t) if not attempt else derive_seed(cfg.run.seed, "gatt/turn", t, attempt)
+            comps = sample_answers(model, tokenizer, contexts, cfg.sampling, k=cfg.k, seed=seed, purpose="gatt", show=False)
+            failed = []
+            for i, ctx, row in zip(pending, contexts, comps):
+                counts["turns_sampled"] += 1
+                ok = [a for a in (c.text.strip() for c in row) if a and plans[i][0].check(a)]
+                if not ok:
+                    failed.append(i)
+                    continue
+                if rm is not None and len(ok) > 1:
+                    ok = [ok[int(rm.score([ctx] * len(ok), ok).argmax())]]
+                sampled[i] += [{"role": "user", "content": plans[i][2][t]}, {"role": "assistant", "content": ok[0]}]
+                counts["turns_kept"] += 1
+            pending = failed
+        for i in pending:  # no sample follows the instruction, after every retry: the dialog ends before this turn
+            alive.discard(i)
+            counts["ended_early"] += 1
+        bar.update(sum(t < len(plans[i][2]) for i in range(len(plans))))
     bar.close()
     out = [{"instruction": plans[i][0].kind + ":" + plans[i][0].value, "text": plans[i][1], "sampled_with": plans[i][0].long,
             "dialog": with_instruction_every_turn(sampled[i], plans[i][0].long)} for i in range(len(plans)) if sampled[i]]

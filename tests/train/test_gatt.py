@@ -86,3 +86,33 @@ def test_sampling_uses_the_full_instruction_and_only_training_shortens_it(setup,
     for d in data:
         assert d[0] == {"role": "system", "content": RULE.short}
         assert all(RULE.long not in m["content"] and RULE.short not in m["content"] for m in d[1:])
+
+
+def test_a_failed_turn_is_retried_with_another_user_message(setup, monkeypatch):
+    """``retries``: a turn whose k samples all break the instruction is tried again with another message from the pool,
+    so a hard turn does not end the dialog (without retries it does, and later turns hold only easy dialogs)."""
+    from types import SimpleNamespace
+
+    from llama2.data.records import read_dialogs
+
+    tok, tmp = setup
+
+    def fake_sampler(model, tokenizer, contexts, sampling, k=1, **kw):  # follows the rule except when asked about Bob
+        return [[SimpleNamespace(text="no" if "Bob" in ctx[-1]["content"] else "yes") for _ in range(k)]
+                for ctx in contexts]
+
+    monkeypatch.setattr(stage, "sample_answers", fake_sampler)
+    dialogs = list(read_dialogs(str(tmp / "d.jsonl")))
+    runs = {}
+    for retries in (0, 4):
+        cfg = GattConfig(dialogs=str(tmp / "d.jsonl"), turns=6, k=2, retries=retries, seed=3)
+        runs[retries] = stage.sample_gatt_dialogs(None, None, dialogs, cfg, None, show=False)
+    (plain, plain_counts), (retried, retried_counts) = runs[0], runs[4]
+    assert plain_counts["ended_early"] >= 1 and plain_counts["retried"] == 0  # the Bob dialog ends at its first turn
+    assert retried_counts["retried"] >= 1 and retried_counts["ended_early"] < plain_counts["ended_early"]
+    assert retried_counts["turns_kept"] > plain_counts["turns_kept"]
+    pool = {m["content"] for d in dialogs for m in d if m["role"] == "user"}
+    for s in retried:  # kept turns follow the rule; a replaced message is one of the pool's
+        users = [m["content"].split("\n", 1)[1] for m in s["dialog"] if m["role"] == "user"]
+        assert all("Bob" not in u and u in pool for u in users)
+        assert all(m["content"] == "yes" for m in s["dialog"] if m["role"] == "assistant")
