@@ -112,6 +112,17 @@ def _winrate_effect(m: dict) -> dict:
                        f"(95% interval {r['low95']:.1%} to {r['high95']:.1%})") if r else "no win rate measured"}
 
 
+def _judges_along(st: dict, chain: list[str]) -> str:
+    """The exact judges' reward on the same answers, so that a reward model being over-optimised (its reward rising
+    while the judges' falls: the reward hacking of §3.2.3) is visible beside the rule."""
+    judged = [st[k].get("judge_reward_mean") for k in chain]
+    if None in judged or len(judged) < 2:
+        return ""
+    over = st[chain[-1]]["rm_reward_mean"] > st[chain[0]]["rm_reward_mean"] and judged[-1] < judged[0]
+    return (" (the exact judges on the same answers: " + " -> ".join(f"{v:.3f}" for v in judged)
+            + ("; they fell where the reward model's reward rose: it is being over-optimised" if over else "") + ")")
+
+
 def effects(m: dict) -> list[dict]:
     """The expected effects, each {"claim", "rule", "holds", "detail"}."""
     st = m["stages"]
@@ -120,7 +131,7 @@ def effects(m: dict) -> list[dict]:
     reward = {"claim": "mean held-out reward rises from SFT to rejection sampling to PPO",
               "rule": "reward-model reward of held-out prompts' sampled answers: SFT < last RS version < PPO",
               "holds": len(rew) == 3 and rew[0] < rew[1] < rew[2],
-              "detail": " -> ".join(f"{k} {v:.3f}" for k, v in zip(chain, rew))}
+              "detail": " -> ".join(f"{k} {v:.3f}" for k, v in zip(chain, rew)) + _judges_along(st, chain)}
     names = list(st)
     first, last = st[names[0]], st[names[-1]]
     safety = {"claim": "refusals on secret prompts rise through the stages while harmless prompts are still answered",

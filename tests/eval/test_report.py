@@ -73,3 +73,16 @@ def test_task_accuracy_detail_states_the_standard_error_of_the_change():
     assert "+10.0 points" in detail and f"{se * 100:.1f} points" in detail and "beyond" in detail
     m["stages"]["GAtt (final)"]["accuracy"] = {c: 0.31 for c in CATS}
     assert "within two standard errors" in effects(m)[2]["detail"]
+
+
+def test_reward_detail_shows_the_judges_and_flags_an_over_optimised_reward_model():
+    m = _metrics()
+    assert "exact judges" not in effects(m)[1]["detail"]  # no judges' reward measured: nothing to show
+    for stage, judged in zip(("SFT", "RS v2", "PPO"), (0.50, 0.52, 0.55)):
+        m["stages"][stage]["judge_reward_mean"] = judged
+    detail = effects(m)[1]["detail"]
+    assert "0.500 -> 0.520 -> 0.550" in detail and "over-optimised" not in detail
+    m["stages"]["PPO"]["judge_reward_mean"] = 0.45  # the reward model's reward rose, the judges' fell
+    detail = effects(m)[1]["detail"]
+    assert "0.500 -> 0.520 -> 0.450" in detail and "over-optimised" in detail
+    assert effects(m)[1]["holds"]  # the rule is the paper's (the reward model's reward); the note is beside it
