@@ -449,14 +449,14 @@ def _add_data_and_run_commands(sub, chosen: str | None) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="world -> tokenizer -> prepare -> pretrain -> sft -> reward models -> rejection "
                        "sampling -> ppo -> gatt -> eval -> report, on CPU. A stage whose output exists is skipped, so a "
-                       "stopped run resumes; --from redoes a stage and all after it. Default about 8-10 minutes on 2 "
+                       "stopped run resumes; --from redoes a stage and all after it. Default about 10-20 minutes on 2 "
                        "cores, --quick about 2.",
                        epilog="overrides: STAGE.FIELD=VALUE for any field of a stage's config (see `llama2 STAGE --help`),\n"
                               "for example: llama2 pipeline ppo.kl_beta=0.02 sft.lr=1e-4 rejection.k=8")
     p.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
     p.add_argument("--quick", action="store_true", help="a smaller world and model (about 2 minutes); same as --size quick")
     p.add_argument("--size", choices=("quick", "default", "large"), default=None,
-                   help="quick (CPU, ~2 min), default (CPU, ~8-10 min) or large (an 11M-parameter model and a bigger world "
+                   help="quick (CPU, ~2 min), default (CPU, ~10-20 min) or large (an 11M-parameter model and a bigger world "
                         "for one GPU, --device cuda)")
     p.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES + tuple(PIPELINE_ALIASES), default=None,
                    help="redo this stage and every later one (rlhf: the RLHF versions' annotation, reward models and "

@@ -7,7 +7,7 @@ formats real data uses, and writes a directory under OUT. A stage whose output i
 stopped pipeline resumes where it stopped; ``--from STAGE`` redoes that stage and every later one.
 
 The sizes are chosen for a 2-core CPU: ``quick`` (toy-tiny, about 2 minutes, what the test suite runs) and the
-default (toy-small, about 8-10 minutes on 2 cores). Pretraining takes many small steps rather than few large ones: on the
+default (toy-small, about 10-20 minutes on 2 cores, by the CPU). Pretraining takes many small steps rather than few large ones: on the
 default world, 500 steps of 2,048 tokens recall 90-95% of held-out facts after SFT where 120 steps of 8,192 tokens
 (the same 1M tokens, the same time) recalled 18%.
 """
