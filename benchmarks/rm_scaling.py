@@ -24,6 +24,7 @@ from pathlib import Path
 from llama2.checkpoint import load
 from llama2.config import StageSampling, apply_overrides
 from llama2.data.records import read_objects
+from llama2.eval.toyworld import read_pipeline_marker
 from llama2.pipeline import SIZES
 from llama2.rlhf.reward_model import RewardModel
 from llama2.sampling import sample_answers
@@ -33,6 +34,8 @@ from llama2.train.reward import RewardConfig, train_reward
 
 
 def fresh_pairs(run: Path, world, n_prompts: int, path: Path) -> list[dict]:
+    """Every rated pair of 4 answers of the run's SFT model to each of ``n_prompts`` new prompts (kept in ``path``
+    and read back on a rerun with the same prompt count)."""
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines()]
     recs = prompt_records(random.Random("probe-prompts"), world._pools, n_prompts, world.mix)
@@ -58,19 +61,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/toy"), help="a finished default pipeline run")
     ap.add_argument("--out", type=Path, default=Path("/tmp/rm_scaling"))
-    ap.add_argument("--seed", type=int, default=0, help="the run's seed (its world)")
     ap.add_argument("--prompts", type=int, default=3000, help="new training prompts to sample")
     ap.add_argument("--sizes", default="1000,3000", help="fresh helpfulness pairs per reward model, comma-separated")
     args = ap.parse_args()
+    marker, rs_samples = args.run / "pipeline.json", args.run / "rlhf" / "v1" / "rejection" / "iter_1" / "samples.jsonl"
+    if not marker.is_file() or not rs_samples.is_file():
+        raise SystemExit(f"{args.run}: not a pipeline run that has finished RLHF version 1 (no {marker.name} or {rs_samples})")
+    meta = read_pipeline_marker(marker)
+    if meta.get("size") != "default":
+        raise SystemExit(f"{args.run}: a {meta.get('size')} run; this script measures the default size's reward model")
     args.out.mkdir(parents=True, exist_ok=True)
-    world = pipeline_world(args.seed, "default")
+    world = pipeline_world(meta["seed"], "default")  # the run's own world: its seed is in pipeline.json
     paths = json.loads((args.run / "world" / "DONE").read_text())
-    pairs = fresh_pairs(args.run, world, args.prompts, args.out / "pairs.jsonl")
+    pairs = fresh_pairs(args.run, world, args.prompts, args.out / f"pairs_{args.prompts}_prompts.jsonl")
     helpful = [p for p in pairs if p["kind"] == "helpfulness"]
     differ = sum(world.is_correct(p["prompt"], p["chosen"]) != world.is_correct(p["prompt"], p["rejected"]) for p in helpful)
     print(f"{len(pairs)} fresh pairs, {len(helpful)} helpfulness, {differ} of them differ in correctness", flush=True)
-    samples = [s for s in read_objects(args.run / "rlhf" / "v1" / "rejection" / "iter_1" / "samples.jsonl")
-               if not world.is_secret_prompt(s["prompt"])]
+    samples = [s for s in read_objects(rs_samples) if not world.is_secret_prompt(s["prompt"])]
     r = SIZES["default"]["reward"]
     for n in (int(x) for x in args.sizes.split(",")):
         sub = args.out / f"pairs_{n}.jsonl"

@@ -77,8 +77,8 @@ SIZES = {
         # samples' errors.
         rejection=dict(k=4, temperatures=[0.5, 0.5, 0.5], max_new_tokens=48, epochs=1, batch_size=16, micro_batch=8,
                        lr=1e-4),
-        # PPO at 3e-5: at 1e-5 it never passed its starting held-out reward and kept its start; at 5e-5 the reward
-        # model's reward rose most (0.619 -> 0.655) while the exact judges' fell 0.580 -> 0.523 (README)
+        # PPO at 3e-5: at 1e-5 it never passed its starting held-out reward and kept its start; faster rates raise the
+        # reward model's reward further while the exact judges' falls (README; benchmarks/RESULTS.md)
         ppo=dict(iterations=12, rollout_batch=64, minibatch=16, micro_batch=8, lr=3e-5, value_lr=1e-4,
                  max_new_tokens=48, eval_every=4, patience=3),
         # GAtt: long dialogs, many samples a turn (a failed turn retried with other user messages: GattConfig.retries),
