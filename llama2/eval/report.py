@@ -140,7 +140,43 @@ def effects(m: dict) -> list[dict]:
               and last["refusal_on_harmless"] <= 0.2,
               "detail": f"secret: {first['refusal_on_secret']:.0%} -> {last['refusal_on_secret']:.0%}; harmless: "
                         f"{first['refusal_on_harmless']:.0%} -> {last['refusal_on_harmless']:.0%}"}
-    return [_rm_effect(m), reward, _task_effect(st), safety, _gatt_effect(m), _winrate_effect(m)]
+    found = [_rm_effect(m), reward, _task_effect(st), safety, _gatt_effect(m), _winrate_effect(m)]
+    for e in (found[2], found[5]):  # task accuracy and the win rate: both need reward models that tell right from wrong
+        if not e["holds"]:
+            e["why"] = _why_not_better(m)
+    return found
+
+
+def _selection(m: dict) -> str:
+    """How often rejection sampling's kept sample was correct, against its samples (§3.2.3: best of K by the reward
+    model): the gain RS can give is at most pass@K - mean, and it gives none when the pick is no better than chance."""
+    sel = m.get("rs_selection") or {}
+    if not sel:
+        return ""
+    n = sum(r["prompts"] for r in sel.values())
+    mean = lambda key: sum(r[key] * r["prompts"] for r in sel.values()) / n  # noqa: E731
+    picked, sample, passk = mean("picked_correct"), mean("sample_correct"), mean("pass_at_k")
+    se = (picked * (1 - picked) / n) ** 0.5
+    verdict = ("no more often than a random sample, within two standard errors" if picked - sample <= 2 * se else
+               "more often than a random sample")
+    return (f"rejection sampling's reward models kept a correct answer {picked:.0%} of the time over "
+            f"{', '.join(sel)}, {verdict} ({sample:.0%}), where the best of the K samples was correct {passk:.0%} "
+            f"(pass@K)")
+
+
+def _why_not_better(m: dict) -> str:
+    """The measurements that explain why the final model is not better than SFT at the tasks: whether the reward
+    models chose correct answers, and which stage moved the accuracy."""
+    parts = [x for x in [_selection(m)] if x]
+    st = m["stages"]
+    chain = [k for k in st if k == "SFT" or k.startswith("RS") or k in ("PPO",) or k.startswith("GAtt")]
+    task = {k: _mean(st[k]["accuracy"].values()) for k in chain}
+    steps = [f"{b} {(task[b] - task[a]) * 100:+.1f}" for a, b in zip(chain, chain[1:])]
+    if steps:
+        parts.append("accuracy change by stage (points): " + ", ".join(steps)
+                     + ("; the GAtt stage replays the SFT data, so its change is more SFT, not RLHF"
+                        if any(k.startswith("GAtt") for k in chain) else ""))
+    return "; ".join(parts)
 
 
 def write_report(out: Path) -> Path:
@@ -204,7 +240,8 @@ def _markdown(out: Path, m: dict, found: list[dict]) -> list[str]:
     L = ["# Llama 2 recipe on the toy world", "",
          f"Run: `{out}` ({json.loads((out / 'pipeline.json').read_text()).get('size')} size). Every number below is in "
          "`metrics.json`.", "", "## What the run should show, and whether it does", ""]
-    L += [f"- **{'yes' if e['holds'] else 'NO'}** — {e['claim']}. Rule: {e['rule']}. Measured: {e['detail']}." for e in found]
+    L += [f"- **{'yes' if e['holds'] else 'NO'}** — {e['claim']}. Rule: {e['rule']}. Measured: {e['detail']}."
+          + (f" Why: {e['why']}." if e.get("why") else "") for e in found]
     L += ["", "## Loss curves", "", "![loss](report/loss.png)", "",
           "## Reward models: accuracy per rating bucket (held-out pairs; Tables 8 and 28 layout)", "",
           "| model | significantly better | better | slightly better | negligibly better / unsure | avg |", "|---|---|---|---|---|---|"]

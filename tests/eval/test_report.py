@@ -86,3 +86,23 @@ def test_reward_detail_shows_the_judges_and_flags_an_over_optimised_reward_model
     detail = effects(m)[1]["detail"]
     assert "0.500 -> 0.520 -> 0.450" in detail and "over-optimised" in detail
     assert effects(m)[1]["holds"]  # the rule is the paper's (the reward model's reward); the note is beside it
+
+
+def test_a_missing_task_gain_is_explained_by_the_reward_models_choice_and_the_stage_that_moved_it():
+    m = _metrics()
+    assert [e.get("why") for e in effects(m)] == [None] * 6  # every effect holds: nothing to explain
+    m["stages"]["GAtt (final)"]["accuracy"] = {c: 0.31 for c in CATS}
+    m["stages"]["PPO"]["accuracy"] = {c: 0.25 for c in CATS}
+    m["winrate"]["GAtt (final) vs SFT"].update(rate=0.51, low95=0.49)
+    # 200 prompts: kept correct 41%, samples 40%, pass@K 60% (within two standard errors of a random sample)
+    m["rs_selection"] = {"v1": {"prompts": 100, "picked_correct": 0.40, "sample_correct": 0.40, "pass_at_k": 0.6},
+                         "v2": {"prompts": 100, "picked_correct": 0.42, "sample_correct": 0.40, "pass_at_k": 0.6}}
+    found = effects(m)
+    why = found[2]["why"]
+    assert found[5]["why"] == why and not found[2]["holds"]
+    assert "41%" in why and "no more often than a random sample" in why and "(40%)" in why and "60%" in why
+    # the per-stage changes: SFT 30 -> RS v1 32 -> RS v2 33 -> PPO 25 -> final 31
+    assert "RS v1 +2.0, RS v2 +1.0, PPO -8.0, GAtt (final) +6.0" in why and "replays the SFT data" in why
+    m["rs_selection"]["v2"]["picked_correct"] = 0.60  # now clearly better than a random sample (50% over 200)
+    why = effects(m)[2]["why"]
+    assert "50%" in why and "more often than a random sample" in why and "no more often" not in why
