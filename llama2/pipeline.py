@@ -83,10 +83,11 @@ SIZES = {
                  max_new_tokens=48, eval_every=4, patience=3),
         # GAtt: long dialogs, many samples a turn (a failed turn retried with other user messages: GattConfig.retries),
         # the SFT dialogs replayed one for one (without them the model learns to decorate every answer and loses task
-        # accuracy; README), several epochs.
-        gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=6, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
+        # accuracy; README), several epochs; batches of 8 windows, as packed windows (GattConfig.pack) hold several
+        # trained answers each.
+        gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=6, batch_size=8, micro_batch=8, lr=2e-4, temperature=0.5),
         eval=dict(max_new_tokens=48, gatt_probes=48, gatt_turns=20, k_curve=8),
-        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=102, sft=29, rlhf=148, ppo=26, gatt=200, eval=37,
+        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=102, sft=29, rlhf=148, ppo=26, gatt=110, eval=37,
                      report=1),
     ),
     # For one GPU (--device cuda): an 11M-parameter model (toy-25m at vocab 2,048), a bigger world, larger batches, more RLHF versions. Its stage

@@ -45,6 +45,7 @@ __all__ = [
     "combine_instructions",
     "sample_instruction",
     "with_instruction_every_turn",
+    "gatt_windows",
     "gatt_training_dialog",
     "gatt_loss_mask",
     "gatt_examples",
@@ -292,6 +293,49 @@ def gatt_examples(
     ends = [i + 1 for i, m in enumerate(train) if m["role"] == "assistant"] if every_turn else [len(train)]
     examples = (gatt_loss_mask(tokenizer, train[:end], seq_len) for end in ends)
     return [ex for ex in examples if ex is not None]
+
+
+def gatt_windows(
+    tokenizer: TextEncoder,
+    sampled_dialog: Sequence[Mapping[str, str]],
+    text: str,
+    seq_len: int,
+    place: Place = "system",
+    keep: str | None = None,
+) -> list[Dialog]:
+    """A sampled dialog as few training dialogs as fit a window of ``seq_len`` positions, each trained on every
+    answer it holds (SFT with ``loss_on="all"``).
+
+    The dialog is cut between exchanges into runs of consecutive turns, each the longest that fits, and each run
+    becomes a training dialog of its own with the instruction in its first turn (:func:`gatt_training_dialog`).
+    Under causal attention an answer's loss in a run sees exactly the context of the per-turn example that ends
+    with it (``gatt_examples(every_turn=True)``), so a dialog that fits one window trains the same pairs of
+    (context, answer) as its per-turn examples, in O(turns) tokens instead of O(turns^2); a turn past the first
+    window sees the instruction and the turns of its own window. A single exchange longer than the window is kept
+    alone (the fine-tuning truncates it as it does any SFT dialog)."""
+    src = _copy(sampled_dialog)
+    head = [m for m in src[:1] if m["role"] == "system"]
+    rest = src[len(head):]
+    if not rest or rest[-1]["role"] != "assistant":
+        raise ValueError("a GAtt training dialog must end with an assistant message")
+    exchanges, cur = [], []  # each: the user message(s) and the answer closing them
+    for m in rest:
+        cur.append(m)
+        if m["role"] == "assistant":
+            exchanges.append(cur)
+            cur = []
+
+    def window(a: int, b: int) -> Dialog:
+        return gatt_training_dialog(head + [m for ex in exchanges[a:b] for m in ex], text, place, keep=keep)
+
+    out, start = [], 0
+    while start < len(exchanges):
+        end = start + 1
+        while end < len(exchanges) and len(encode_dialog(tokenizer, window(start, end + 1)).ids) <= seq_len + 1:
+            end += 1
+        out.append(window(start, end))
+        start = end
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

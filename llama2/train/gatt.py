@@ -11,9 +11,11 @@ GAtt makes a model keep following an instruction given once, at the start of a d
 2. training data: the instruction kept only in the first turn (the system message by default, or a prefix of
    the first user message: ``place``), in its short form half the time, removed from the other user messages; the loss is zero on every token
    of the earlier turns, including their answers ("we simply set the loss to 0 for all the tokens from the
-   previous turns"), so each example trains one answer: with ``every_turn`` (default) a sampled dialog of n
-   turns gives n examples, cut after answer t and trained on answer t only.
-3. SFT on that data (the SFT stage with ``loss_on=last``), from the latest model.
+   previous turns"), so each answer is trained with the dialog before it as context. With ``every_turn`` and
+   ``pack`` (the defaults) a dialog's turns are packed into as few windows as fit, each led by the instruction and
+   trained on all its answers: under causal attention that is the same (context, answer) pairs as n examples cut
+   after each answer t, in O(n) tokens instead of O(n^2).
+3. SFT on that data (the SFT stage; ``loss_on=all`` for packed windows, else ``last``), from the latest model.
 
 The turn-by-turn evaluation of adherence (the paper's Figure 28) is :mod:`llama2.eval.gatt`.
 """
@@ -31,7 +33,7 @@ from ..checkpoint import load
 from ..config import BatchConfig, OptimConfig, RunConfig, StageSampling, check, group, stage_config, to_dict
 from ..data.records import read_dialogs, split_paths
 from ..eval.gatt import GattEvalConfig, gatt_eval, user_messages  # noqa: F401  (re-exported: `llama2 gatt-eval`)
-from ..rlhf.gatt import gatt_training_dialog, sample_instruction, with_instruction_every_turn
+from ..rlhf.gatt import gatt_training_dialog, gatt_windows, sample_instruction, with_instruction_every_turn
 from ..rlhf.reward_model import RewardModel
 from ..sampling import sample_answers
 from ..seeding import derive_seed
@@ -66,9 +68,15 @@ class GattConfig:
     once). Without retries a hard instruction's dialogs end after a turn or two, so the later turns of the
     training data hold only the easy instructions and the model keeps only those (README, GAtt)."""
     every_turn: bool = True
-    """One training example per sampled turn (loss on that turn's answer only); false: one per dialog (its last answer)."""
+    """Train every sampled answer (loss on that answer, the earlier turns as context); false: only each dialog's
+    last answer (the paper's literal reading)."""
+    pack: bool = True
+    """With ``every_turn``: pack a dialog's turns into as few training dialogs as fit the window, each with the
+    instruction in its first turn and loss on all its answers (:func:`llama2.rlhf.gatt.gatt_windows`): the same
+    (context, answer) pairs as one example per turn wherever a dialog fits the window, in O(turns) tokens instead of
+    O(turns^2). False: one example per turn, cut after its answer and trained on it alone."""
     replay: str = ""
-    """Dialogs JSONL (e.g. the SFT data) mixed into the fine-tuning data, as many dialogs as GAtt examples: without
+    """Dialogs JSONL (e.g. the SFT data) mixed into the fine-tuning data, as many dialogs as GAtt answers trained: without
     them the model learns to decorate every answer, asked or not, and forgets tasks the GAtt answers get wrong."""
     sampling: StageSampling = group(StageSampling, temperature=0.8, max_new_tokens=64, gen_batch=32)
     finetune: BatchConfig = group(BatchConfig, seq_len=512, batch_size=16, micro_batch=8, epochs=2.0)
@@ -146,15 +154,25 @@ def sample_gatt_dialogs(model, tokenizer, dialogs, cfg: GattConfig, rm: RewardMo
     return out, counts
 
 
-def _write_training_data(sampled: list, cfg: GattConfig, data_path: Path) -> int:
-    """The GAtt training dialogs, one per trained answer (SFT with loss_on=last trains the last answer of each), and
-    as many replayed dialogs (``replay``). Returns the number of GAtt examples."""
-    rows = []
+def _packed(cfg: GattConfig) -> bool:
+    return cfg.every_turn and cfg.pack
+
+
+def _write_training_data(sampled: list, cfg: GattConfig, data_path: Path, tokenizer) -> int:
+    """The GAtt training dialogs: packed windows trained on every answer (``pack``), or one per trained answer (SFT
+    with loss_on=last trains the last answer of each); and as many replayed dialogs (``replay``) as GAtt answers
+    trained. Returns the number of GAtt answers trained."""
+    rows, examples = [], 0
     for s in sampled:
+        if _packed(cfg):
+            windows = gatt_windows(tokenizer, s["dialog"], s["sampled_with"], cfg.finetune.seq_len, cfg.place, keep=s["text"])
+            rows += windows
+            examples += sum(m["role"] == "assistant" for w in windows for m in w)
+            continue
         train = gatt_training_dialog(s["dialog"], s["sampled_with"], cfg.place, keep=s["text"])
         ends = [j + 1 for j, m in enumerate(train) if m["role"] == "assistant"] if cfg.every_turn else [len(train)]
         rows += [train[:end] for end in ends]
-    examples = len(rows)
+        examples += len(ends)
     if cfg.replay:
         pool = list(read_dialogs(split_paths(cfg.replay)))
         rows += random.Random(derive_seed(cfg.run.seed, "gatt/replay")).sample(pool, min(len(pool), examples))
@@ -180,7 +198,8 @@ def gatt(cfg: GattConfig) -> dict:
         if d.main:
             counts = _sample_and_write(cfg, d, out, samples_path, data_path)
         d.barrier()
-    result = sft(SFTConfig(data=str(data_path), val_fraction=0, init_from=cfg.init_from, loss_on="last",
+    result = sft(SFTConfig(data=str(data_path), val_fraction=0, init_from=cfg.init_from,
+                           loss_on="all" if _packed(cfg) else "last",
                            batch=cfg.finetune, optim=cfg.optim, run=dataclasses.replace(cfg.run, resume=True)))
     return {"counts": counts, "history": result["history"], "out": str(out), "stopped": result["stopped"]}
 
@@ -199,7 +218,7 @@ def _sample_and_write(cfg: GattConfig, d, out: Path, samples_path: Path, data_pa
         with open(samples_path, "w", encoding="utf-8") as f:
             for s in sampled:
                 f.write(json.dumps(s) + "\n")
-        counts["examples"] = _write_training_data(sampled, cfg, data_path)
+        counts["examples"] = _write_training_data(sampled, cfg, data_path, tokenizer)
         (out / "gatt_counts.json").write_text(json.dumps(counts, indent=2))
         d.say(f"gatt: {counts['turns_kept']}/{counts['turns_sampled']} sampled turns follow their instruction "
               f"({counts['ended_early']} dialogs ended early) -> {counts['examples']} training examples")

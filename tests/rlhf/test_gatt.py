@@ -17,6 +17,7 @@ from llama2.rlhf.gatt import (
     gatt_examples,
     gatt_loss_mask,
     gatt_training_dialog,
+    gatt_windows,
     instruction_families,
     multi_turn_probe_dialogs,
     sample_instruction,
@@ -166,6 +167,36 @@ def test_loss_mask_covers_last_answer_only(tok, place):
     assert gatt_loss_mask(tok, one).loss_mask == encode_dialog(tok, one).loss_mask
     with pytest.raises(ValueError):
         gatt_loss_mask(tok, train[:-1])
+
+
+def test_gatt_windows_train_each_answer_once_with_the_context_of_its_per_turn_example(tok):
+    sampled = with_instruction_every_turn(DIALOG, TEXT)
+    per_turn = gatt_examples(tok, sampled, TEXT, every_turn=True)
+    n = len(per_turn[-1].ids)
+    (one,) = gatt_windows(tok, sampled, TEXT, seq_len=n)  # the whole dialog fits: one window
+    assert one == gatt_training_dialog(sampled, TEXT)
+    enc = encode_dialog(tok, one)
+    ids, mask = enc.ids, enc.loss_mask
+    for ex in per_turn:  # each per-turn example is a prefix of the window, and its trained tokens are trained there
+        assert ids[: len(ex.ids)] == ex.ids
+        assert all(mask[i] for i, m in enumerate(ex.loss_mask) if m)
+    assert sum(mask) == sum(sum(ex.loss_mask) for ex in per_turn)  # and nothing else is
+    # a window too small for the dialog: consecutive runs of turns, each fitting and led by the instruction
+    windows = gatt_windows(tok, sampled, TEXT, seq_len=n - 2)
+    assert len(windows) == 2
+    for w in windows:
+        assert w[0] == {"role": "system", "content": TEXT} and w[-1]["role"] == "assistant"
+        assert len(encode_dialog(tok, w).ids) <= n - 1
+    answers = [m["content"] for w in windows for m in w if m["role"] == "assistant"]
+    assert answers == [m["content"] for m in DIALOG if m["role"] == "assistant"]
+    # the instruction as the first user message's prefix, in its short wording: each window starts with it
+    for w in gatt_windows(tok, sampled, TEXT, seq_len=n - 2, place="prefix", keep="Pirate"):
+        assert w[0]["role"] == "user" and w[0]["content"].startswith("Pirate")
+        assert all(TEXT not in m["content"] and "Pirate" not in m["content"] for m in w[1:])
+    # a single exchange longer than the window is kept alone (the fine-tuning truncates it)
+    assert len(gatt_windows(tok, sampled, TEXT, seq_len=4)) == 3
+    with pytest.raises(ValueError, match="end with an assistant"):
+        gatt_windows(tok, sampled[:-1], TEXT, seq_len=n)
 
 
 def test_gatt_examples(tok):

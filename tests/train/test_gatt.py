@@ -39,7 +39,10 @@ def test_sampling_data_and_fine_tuning(setup):
     counts = result["counts"]
     samples = [json.loads(l) for l in (tmp / "g" / "samples.jsonl").read_text().splitlines()]
     data = [json.loads(l)["dialog"] for l in (tmp / "g" / "gatt_data.jsonl").read_text().splitlines()]
-    assert counts["turns_kept"] == sum(len(s["dialog"]) // 2 for s in samples) == len(data) > 0
+    # packed (the default): every kept answer trained once, in windows of consecutive turns
+    trained = sum(m["role"] == "assistant" for d in data for m in d)
+    assert counts["turns_kept"] == sum(len(s["dialog"]) // 2 for s in samples) == trained == counts["examples"] > 0
+    assert len(data) <= trained
     for s in samples:  # sampling: the instruction before every user message; every kept answer follows it
         assert all(m["content"].startswith(TEXT + "\n") for m in s["dialog"] if m["role"] == "user")
         assert all(RULE.check(m["content"]) for m in s["dialog"] if m["role"] == "assistant")
