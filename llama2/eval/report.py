@@ -108,8 +108,14 @@ def _winrate_effect(m: dict) -> dict:
             "rule": "win rate (win + tie/2) / n of the final model against SFT on the held-out prompts, judged by the "
                     "world's judges: the lower end of its 95% interval above 50%",
             "holds": bool(r) and r["low95"] > 0.5,
-            "detail": (f"{final[0]}: {r['win']} wins, {r['tie']} ties, {r['loss']} losses of {r['n']}: {r['rate']:.1%} "
-                       f"(95% interval {r['low95']:.1%} to {r['high95']:.1%})") if r else "no win rate measured"}
+            "detail": (f"{final[0]}: {_wtl(r)}" + (f"; before GAtt, PPO vs SFT: {_wtl(wr['PPO vs SFT'])}"
+                                                  if final[0].startswith("GAtt") and "PPO vs SFT" in wr else ""))
+                      if r else "no win rate measured"}
+
+
+def _wtl(r: dict) -> str:
+    return (f"{r['win']} wins, {r['tie']} ties, {r['loss']} losses of {r['n']}: {r['rate']:.1%} "
+            f"(95% interval {r['low95']:.1%} to {r['high95']:.1%})")
 
 
 def _judges_along(st: dict, chain: list[str]) -> str:

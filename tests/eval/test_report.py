@@ -106,3 +106,13 @@ def test_a_missing_task_gain_is_explained_by_the_reward_models_choice_and_the_st
     m["rs_selection"]["v2"]["picked_correct"] = 0.60  # now clearly better than a random sample (50% over 200)
     why = effects(m)[2]["why"]
     assert "50%" in why and "more often than a random sample" in why and "no more often" not in why
+
+
+def test_win_rate_detail_shows_the_model_before_gatt_beside_the_final_one():
+    m = _metrics()
+    m["winrate"]["PPO vs SFT"].update(win=20, tie=60, loss=20, rate=0.5, low95=0.42, high95=0.58)
+    e = effects(m)[5]
+    assert e["holds"] and e["detail"].startswith("GAtt (final) vs SFT: 60 wins, 20 ties, 20 losses of 100: 70.0%")
+    assert "before GAtt, PPO vs SFT: 20 wins, 60 ties, 20 losses of 100: 50.0% (95% interval 42.0% to 58.0%)" in e["detail"]
+    del m["winrate"]["PPO vs SFT"]
+    assert "before GAtt" not in effects(m)[5]["detail"]
