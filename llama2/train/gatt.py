@@ -221,5 +221,5 @@ def _sample_and_write(cfg: GattConfig, d, out: Path, samples_path: Path, data_pa
         counts["examples"] = _write_training_data(sampled, cfg, data_path, tokenizer)
         (out / "gatt_counts.json").write_text(json.dumps(counts, indent=2))
         d.say(f"gatt: {counts['turns_kept']}/{counts['turns_sampled']} sampled turns follow their instruction "
-              f"({counts['ended_early']} dialogs ended early) -> {counts['examples']} training examples")
+              f"({counts['ended_early']} dialogs ended early) -> {counts['examples']} answers to train on")
     return counts
