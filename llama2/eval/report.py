@@ -175,7 +175,7 @@ def _why_not_better(m: dict) -> str:
     models chose correct answers, and which stage moved the accuracy."""
     parts = [x for x in [_selection(m)] if x]
     st = m["stages"]
-    chain = [k for k in st if k == "SFT" or k.startswith("RS") or k in ("PPO",) or k.startswith("GAtt")]
+    chain = [k for k in st if k in ("SFT", "PPO") or k.startswith(("RS", "GAtt"))]
     task = {k: _mean(st[k]["accuracy"].values()) for k in chain}
     steps = [f"{b} {(task[b] - task[a]) * 100:+.1f}" for a, b in zip(chain, chain[1:])]
     if steps:

@@ -158,6 +158,19 @@ def _packed(cfg: GattConfig) -> bool:
     return cfg.every_turn and cfg.pack
 
 
+def _check_same_data_layout(cfg: GattConfig, config_path: Path, data_path: Path) -> None:
+    """A resumed run reuses the training data it wrote; its layout (``every_turn``, ``pack``) decides the loss mask,
+    so a resume that asks for another layout is refused rather than trained with the wrong mask."""
+    if not (data_path.is_file() and config_path.is_file()):
+        return
+    before = json.loads(config_path.read_text())
+    was_every = before.get("every_turn", True)
+    was_pack = bool(before.get("pack", False)) and was_every  # runs written before `pack` existed did not pack
+    if (was_every, was_pack) != (cfg.every_turn, _packed(cfg)):
+        raise ValueError(f"{data_path} was written with every_turn={was_every}, pack={was_pack}; resume with those, or "
+                         "start over (overwrite=true) to write the data anew")
+
+
 def _write_training_data(sampled: list, cfg: GattConfig, data_path: Path, tokenizer) -> int:
     """The GAtt training dialogs: packed windows trained on every answer (``pack``), or one per trained answer (SFT
     with loss_on=last trains the last answer of each); and as many replayed dialogs (``replay``) as GAtt answers
@@ -194,6 +207,7 @@ def gatt(cfg: GattConfig) -> dict:
                         own=(samples_path.name, data_path.name, "gatt_counts.json"))
     d.barrier()
     counts: dict = {}
+    _check_same_data_layout(cfg, out / "gatt_config.json", data_path)
     if not data_path.is_file():  # sampling is done once; a rerun goes straight to (resuming) the fine-tuning
         if d.main:
             counts = _sample_and_write(cfg, d, out, samples_path, data_path)

@@ -57,6 +57,8 @@ def test_sampling_data_and_fine_tuning(setup):
     with pytest.raises(FileExistsError, match="already holds a run"):
         gatt(cfg)
     assert gatt(replace(cfg, resume=True))["counts"] == {}
+    with pytest.raises(ValueError, match="written with every_turn=True, pack=True"):  # its data holds packed windows
+        gatt(replace(cfg, resume=True, pack=False))
     assert gatt(replace(cfg, overwrite=True))["counts"]["turns_sampled"] == counts["turns_sampled"]
 
 
