@@ -37,6 +37,7 @@ __all__ = [
     "margin_values",
     "ranking_loss",
     "safety_auxiliary_loss",
+    "centring_loss",
     "accuracy_by_rating",
     "format_accuracy_table",
 ]
@@ -112,6 +113,16 @@ def ranking_loss(
             raise ValueError(f"margin_values {tuple(margin_values.shape)} must match the scores {tuple(diff.shape)}")
         diff = diff - margin_values.to(diff.device, torch.float32)
     return -F.logsigmoid(diff).mean()
+
+
+def centring_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of (r_c + r_r)^2: keeps a reward model's scores near 0. The ranking loss, eq. (1)-(2), sees
+    only differences, so without it the scores' offset drifts freely and sigmoid(score) can crowd 0 or 1 (Eisenstein
+    et al. 2023, "Helping or Herding?", whose reward centring TRL calls ``center_rewards_coefficient``). Not in the
+    Llama 2 paper, which anchors only the safety reward model (appendix A.3.4)."""
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} differ in shape")
+    return (r_chosen.float() + r_rejected.float()).pow(2).mean()
 
 
 def safety_auxiliary_loss(scores: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ..data.preferences import collate_pairs, encode_preferences, mix_preference
 from ..data.records import KINDS, read_preferences, split_holdout, split_paths
 from ..eval.reward import evaluate_reward, score_pairs
 from ..rlhf.reward import (
-    MARGINS, accuracy_by_rating, format_accuracy_table, margin_values, ranking_loss, safety_auxiliary_loss,
+    MARGINS, accuracy_by_rating, centring_loss, format_accuracy_table, margin_values, ranking_loss, safety_auxiliary_loss,
 )
 from ..rlhf.reward_model import REWARD_CONFIG_FILE, reward_model_from_chat, score_batch
 from ..seeding import epoch_stream
@@ -70,6 +70,10 @@ class RewardConfig:
     safety_aux: float | None = None
     """Weight of the safety auxiliary loss on responses labelled safe/unsafe (appendix A.3.4: a raw score below 0
     then means unsafe, which the PPO stage's 0.15 rule needs); None = 1 for the safety RM, 0 for helpfulness."""
+    center: float = 0.0
+    """Weight of a centring term (r_c + r_r)^2 that keeps the scores near 0 (:func:`llama2.rlhf.reward.centring_loss`;
+    not in the paper): the ranking loss leaves the offset free, and a drifting offset crowds sigmoid(score) at 0 or 1.
+    Applies to helpfulness reward models only; the safety one is anchored by ``safety_aux``."""
     other_ratio: float | None = None
     """Fraction of the mix drawn from the other kind; None = the paper's mix (0.5 for helpfulness, 0.1 for safety)."""
     skip_bad: bool = False
@@ -107,6 +111,7 @@ class RewardConfig:
               "> 0 (or max_steps set)")
         check(self.safety_aux is None or 0 <= self.safety_aux < float("inf"), "safety_aux", self.safety_aux,
               "finite and >= 0")
+        check(0 <= self.center < float("inf"), "center", self.center, "finite and >= 0")
         check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
         check(self.min_warmup_steps >= 0, "min_warmup_steps", self.min_warmup_steps, ">= 0")
 
@@ -195,6 +200,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         return StepBatch(micros, units=cfg.batch_pairs, info={"epoch": (step + 1) * cfg.batch_pairs / n})
 
     aux_weight = (1.0 if cfg.kind == "safety" else 0.0) if cfg.safety_aux is None else cfg.safety_aux
+    center_weight = cfg.center if cfg.kind == "helpfulness" else 0.0
 
     def loss(micro):
         b = collate_pairs(micro, side=cfg.padding)
@@ -203,6 +209,10 @@ def train_reward(cfg: RewardConfig) -> dict:
         m = margin_values(b["ratings"], cfg.margin, device=d.device)
         total = ranking_loss(r_chosen, r_rejected, m) * len(micro)
         metrics = {"accuracy": float((r_chosen > r_rejected).sum()), "margin": float((r_chosen - r_rejected).detach().sum())}
+        if center_weight:
+            c = centring_loss(r_chosen, r_rejected)
+            total = total + center_weight * c * len(micro)
+            metrics["center_loss"] = float(c.detach())
         if aux_weight:
             aux = safety_auxiliary_loss(scores, b["safe"])
             total = total + aux_weight * aux

@@ -338,3 +338,28 @@ def test_safety_aux_loss_puts_unsafe_answers_below_zero_and_the_rule_picks_them(
     chosen = combined_score(r_s, r_h, torch.zeros(8, dtype=torch.bool), SAFETY_THRESHOLD)
     picked_safety = chosen != 7.0
     assert picked_safety.tolist() == [False] * 4 + [True] * 4, (r_s.tolist(), math.log(0.15 / 0.85))
+
+
+def test_centring_keeps_helpfulness_scores_near_zero_without_changing_the_ranking(world, tmp_path):
+    from llama2.rlhf.reward import centring_loss, ranking_loss
+
+    rc, rr = torch.tensor([3.0, 1.0]), torch.tensor([1.0, -2.0])
+    assert float(centring_loss(rc, rr)) == pytest.approx(((4.0 ** 2) + (1.0 ** 2)) / 2)  # mean of (r_c + r_r)^2
+    assert float(centring_loss(rc - 1.25, rr - 1.25)) < float(centring_loss(rc, rr))  # it sees the offset ...
+    assert ranking_loss(rc - 1.25, rr - 1.25) == pytest.approx(float(ranking_loss(rc, rr)))  # ... the ranking does not
+    with pytest.raises(ValueError, match="center"):
+        rm_cfg(world, tmp_path / "bad", center=-1.0)
+
+    prompts = synthetic_prefs(40, 9, "helpfulness")
+    offsets = {}
+    for center in (0.0, 1.0):
+        out = tmp_path / f"rm_center_{center}"
+        res = train_reward(rm_cfg(world, out, epochs=1.0, val_fraction=0.0, eval_every=0, other_ratio=0.0, center=center))
+        assert res["history"][-1]["accuracy"] >= 0.9  # it still ranks the pairs
+        rm = RewardModel.from_pretrained(out)
+        dialogs = [p["prompt"] for p in prompts]
+        scores = torch.cat([rm.score(dialogs, [p["chosen"] for p in prompts]), rm.score(dialogs, [p["rejected"] for p in prompts])])
+        offsets[center] = float(scores.mean().abs())
+        assert ("center_loss" in res["history"][-1]) == (center > 0)
+    print(offsets)
+    assert offsets[1.0] < 0.5 and offsets[1.0] < offsets[0.0] / 2
