@@ -85,7 +85,8 @@ def main() -> None:
         d = args.out / f"rm_{n}"
         cfg = apply_overrides(RewardConfig(data=[paths["preferences"], str(sub)], val_data=paths["preferences_heldout"],
                                            kind="helpfulness", margin="small", init_from=str(args.run / "sft"), seq_len=256,
-                                           epochs=r["epochs"], batch_pairs=r["batch_pairs"], micro_batch=r["micro_batch"]),
+                                           epochs=r["epochs"], batch_pairs=r["batch_pairs"], micro_batch=r["micro_batch"],
+                                           center=r.get("center", 0.0)),
                               [f"run.out={d}", f"optim.lr={r['lr']}", "run.tensorboard=false", "run.save_every=1000000000",
                                "run.overwrite=true"])
         t0 = time.time()
