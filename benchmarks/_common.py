@@ -1,6 +1,8 @@
 """Shared helpers for the benchmarks: environment report, timing, memory bandwidth, markdown tables."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -141,3 +143,19 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += [fmt(r) for r in cells[1:]]
     return "\n".join(lines)
+
+
+def arguments(doc: str, threads_help: str = "torch intra-op threads (default 2)") -> argparse.ArgumentParser:
+    """A benchmark's parser with the options every CPU benchmark takes: --quick, --json and --threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--threads", type=int, default=2, help=threads_help)
+    return ap
+
+
+def save_json(path: str | None, results: dict) -> dict:
+    """Write the figures to ``path`` (when one was asked for) and return them."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2, default=str))
+    return results

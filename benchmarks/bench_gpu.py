@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """One-shot GPU benchmark: the llama2 project (PYTHONPATH=.) side by side with Hugging Face
-transformers' LlamaForCausalLM on the same weights. (From ../shared/gpu/bench.py; this copy adds the generation
-engine: "ours" is ``generate(engine="static", compile=True)``, the static cache with the decode step compiled and
-replayed as a CUDA graph, "ours eager" the reference loop; decode at batch 1, 16 and 64.)
+transformers' LlamaForCausalLM on the same weights. "ours" is ``generate(engine="static", compile=True)``, the
+static cache with the decode step compiled and replayed as a CUDA graph, "ours eager" the reference loop; decode at
+batch 1, 16 and 64.
 
-Run it on a GPU machine as ../shared/gpu/README.md says, with this file in place of .gpu/bench.py:
-    cp -r ../shared/gpu .gpu && cp benchmarks/bench_gpu.py .gpu/bench.py   # then: bash .gpu/run.sh (device run)
+Run it from the repository root on a machine with a GPU, torch, transformers and this project's dependencies:
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --out gpu-results
 and here, on the CPU, as a smoke test:  .venv/bin/python benchmarks/bench_gpu.py --tiny --out /tmp/gpu-test
 
   A. inference, Llama 2 7B shape (ModelArgs.from_preset("llama2-7b")), bf16, random weights drawn on the device:
      logits check on 64 tokens; prefill 1x2048; greedy decode of 256 new tokens after a 128-token prompt at batch 1
-     and 16 (ours: llama2.generation.generate with its KV cache; HF: generate(do_sample=False)); the batch-1
+     and 16 (ours: llama2.generate.generate with its KV cache; HF: generate(do_sample=False)); the batch-1
      bandwidth bound (weight bytes / measured device copy bandwidth).
   B. one training step of a ~1.2B Llama-2-shaped model (dim 2048, 24 layers, 16 heads, 4 KV heads, vocab 32000),
      batch 8 x 2048, as the project's pretraining loop does it: fp32 weights, bf16 autocast (the project's autocast_for),
@@ -23,7 +23,7 @@ and here, on the CPU, as a smoke test:  .venv/bin/python benchmarks/bench_gpu.py
 Every item runs in try/except (errors go into the JSON) and OUT/gpu_results.json is rewritten after each one, so a
 timeout keeps what was measured. Items that would start after --budget seconds (default 330) are skipped.
 
-    python3 .gpu/bench.py [--tiny] [--out DIR] [--budget 330] [--no-compile]
+    python3 benchmarks/bench_gpu.py [--tiny] [--out DIR] [--budget 330] [--no-compile]
 
 --tiny: tiny shapes (dim 64, 2 layers, vocab 32000, short sequences); runs on the CPU when there is no CUDA.
 """
@@ -281,9 +281,9 @@ def build_hf(ours, dtype: torch.dtype):
 
 
 def ours_generate(model, prompts: list, n: int, engine: str = "static", compile_: bool | None = True) -> list:
-    """Greedy through llama2.generation.generate: by default the static engine with its compiled decode step
+    """Greedy through llama2.generate.generate: by default the static engine with its compiled decode step
     (a CUDA graph on CUDA); engine="eager" is the reference loop over model.forward."""
-    from llama2.generation import generate
+    from llama2.generate import generate
 
     return [c.tokens for c in generate(model, prompts, temperature=0, max_new_tokens=n, stop_tokens=(), engine=engine,
                                        compile=compile_)]
@@ -461,10 +461,10 @@ def section_a(S: dict) -> dict:
     item(A, "bound_b1", bound, always=True)
 
     def compiled_option(res):
-        import llama2.engine as engine_mod
+        import llama2.generate.decoder as decoder_mod
 
-        res["available"] = "torch.compile" in inspect.getsource(engine_mod)
-        res["note"] = ("'ours' decodes with the static engine's compiled step (llama2.engine; compile=True, CUDA "
+        res["available"] = "torch.compile" in inspect.getsource(decoder_mod)
+        res["note"] = ("'ours' decodes with the static engine's compiled step (llama2.generate; compile=True, CUDA "
                        "graphs on CUDA), 'ours eager' with the same engine uncompiled")
         log(f"compiled decoding in the project: {res['note']}")
 
@@ -481,7 +481,7 @@ def section_a(S: dict) -> dict:
 # -- B: training -------------------------------------------------------------------------------------------------
 def train_api():
     """(autocast_for, clip_grad_norm, make_optimizer) from the project's training package."""
-    from llama2.train.dist import autocast_for, clip_grad_norm
+    from llama2.dist import autocast_for, clip_grad_norm
     from llama2.train.loop import make_optimizer
 
     return autocast_for, clip_grad_norm, make_optimizer

@@ -23,8 +23,6 @@ tables give the median ratio and the best-of ratio. llama.cpp needs ``bash bench
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ import _common as C  # noqa: E402  (also puts the repo root on sys.path)
 
 import torch  # noqa: E402
 
-from llama2.generation import generate  # noqa: E402
+from llama2.generate import generate  # noqa: E402
 from llama2.model import ModelArgs, Transformer  # noqa: E402
 
 PRESET = "bench-100m"
@@ -111,7 +109,8 @@ def our_generate(model: Transformer, prompt: list[int], n: int, engine: str = "e
 
 def our_prefill(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """The engine's prefill as generation runs it: (B, T) into a fresh static cache, last-position logits."""
-    from llama2.engine import StaticKVCache, decoder_for
+    from llama2.generate import decoder_for
+    from llama2.kv_cache import StaticKVCache
 
     cache = StaticKVCache.for_model(model, ids.shape[0], ids.shape[1] + 1)
     return decoder_for(model).prefill(cache, ids, torch.zeros(ids.shape[0], dtype=torch.long))
@@ -145,10 +144,7 @@ def decode_series(gens: dict, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads and llama.cpp threads (default 2)")
+    ap = C.arguments(__doc__, "torch intra-op threads and llama.cpp threads (default 2)")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp even when it is installed")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' static cache with its compiled forward")
     ap.add_argument("--gguf-dir", default=str(C.ROOT / "build" / "bench-gguf"), help="where the GGUF files go")
@@ -165,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ModelArgs.from_preset(PRESET)
     ours = Transformer(args).init_weights(seed=0).eval()
     hf = build_hf(ours)
-    from llama2.quant import quantize_int8
+    from llama2.generate import quantize_int8
 
     ours_int8 = quantize_int8(Transformer(args).init_weights(seed=0).eval())
     print(f"model: {PRESET}, {ours.num_params() / 1e6:.1f}M params, fp32, random init (seed 0)")
@@ -332,9 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n(threads {opts.threads}; tok/s from medians of {prefill_reps} prefill / {decode_reps} decode runs after a warmup; "
           f"best-of ratio from the fastest run of each; all contenders timed in turns; load average {load_start} at start, "
           f"{results['loadavg_end']} at end; CPU steal {results['cpu_steal_fraction']:.1%}; total {elapsed:.0f} s)")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return C.save_json(opts.json, results)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-import llama2.quant as Q
-from llama2.quant import Int8Linear
+import llama2.generate.int8 as Q
+from llama2.generate import Int8Linear
 
 
 def median_ms(fn, reps: int = 10) -> float:

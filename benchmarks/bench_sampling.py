@@ -12,8 +12,6 @@ turns; the table gives median and best-of times per call and the speed-up over t
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,17 +21,14 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from llama2.generation import generate  # noqa: E402
+from llama2.generate import generate  # noqa: E402
 from llama2.model import ModelArgs, Transformer  # noqa: E402
 
 STOPS = tuple(range(3, 46))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", metavar="PATH")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = C.arguments(__doc__)
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
     reps = 2 if opts.quick else 5
@@ -78,9 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(elapsed_s=time.perf_counter() - t_start, loadavg_start=load_start, loadavg_end=C.load_average())
     print(f"\n(threads {opts.threads}; {reps} calls each after a warm-up, in turns; load average {load_start} at start, "
           f"{results['loadavg_end']} at end; total {results['elapsed_s']:.0f} s)")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return C.save_json(opts.json, results)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ change (issue 13 compares the tree before the generation engine with today's):
     .venv/bin/python benchmarks/bench_stage_times.py --run runs/toy
 
 One rejection-sampling run first warms the process up (untimed in the comparison). Both runs use the default
-pipeline's settings (PPO as in SIZES["default"], early stopping off; one rejection-sampling
+pipeline's settings (PPO as in configs/pipeline/default.yaml, early stopping off; one rejection-sampling
 version of 100 prompts, K=4, T=0.5) and only config fields that both trees know, on the run's SFT model and last
 version's reward models.
 """

@@ -8,7 +8,7 @@ Needs a finished default pipeline run (its SFT model, world files and last versi
 
 Each stage runs once per path into a temporary directory (rejection sampling: one version's settings; PPO: the
 pipeline's settings, early stopping off); the table gives the seconds and the ratio. Greedy decoding is identical
-on both paths; sampled draws differ (see llama2.generation), so the stages' numbers differ slightly too.
+on both paths; sampled draws differ (see llama2.generate), so the stages' numbers differ slightly too.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llama2.pipeline import SIZES
+from llama2.pipeline import size_settings
 from llama2.train.ppo import PPOConfig, ppo
 from llama2.train.rejection import RejectionConfig, rejection
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    run, s = Path(a.run), SIZES["default"]
+    run, s = Path(a.run), size_settings("default")
     v = s["versions"]
     rms = dict(reward_helpfulness=str(run / "rlhf" / f"v{v}" / "reward" / "helpfulness-small"),
                reward_safety=str(run / "rlhf" / f"v{v}" / "reward" / "safety-small"))

@@ -179,10 +179,7 @@ def memory(variants=("ours", "hf", "ours-ckpt")) -> dict:
 
 # -- the benchmark -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap = C.arguments(__doc__)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (an extra line, not the default path)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -318,9 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n(tok/s from medians of {reps} steps after a warm-up step, ours and transformers timed in turns; best-of "
           f"ratio from the fastest step of each; load average {load_start} at start, {results['loadavg_end']} at end; "
           f"CPU steal {results['cpu_steal_fraction']:.1%}; total {elapsed:.0f} s)")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=2))
-    return results
+    return C.save_json(opts.json, results)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from llama2.checkpoint import load
 from llama2.config import StageSampling, apply_overrides
 from llama2.data.records import read_objects
 from llama2.eval.toyworld import read_pipeline_marker
-from llama2.pipeline import SIZES
+from llama2.pipeline import size_settings
 from llama2.rlhf.reward_model import RewardModel
-from llama2.sampling import sample_answers
+from llama2.answers import draw_answers
 from llama2.toyworld import pipeline_world
 from llama2.toyworld.dialogs import prompt_records
 from llama2.train.reward import RewardConfig, train_reward
@@ -43,7 +43,7 @@ def fresh_pairs(run: Path, world, n_prompts: int, path: Path) -> list[dict]:
     answers = []
     for temperature in (0.5, 1.0):
         s = StageSampling(temperature=temperature, top_p=1.0, max_new_tokens=48, gen_batch=64)
-        rows = sample_answers(model, tok, [r["dialog"] for r in recs], s, k=2, seed=1, purpose=f"probe{temperature}",
+        rows = draw_answers(model, tok, [r["dialog"] for r in recs], s, k=2, seed=1, purpose=f"probe{temperature}",
                               show=False)
         answers.append([[c.text.strip() for c in row] for row in rows])
     pairs = []
@@ -78,7 +78,7 @@ def main() -> None:
     differ = sum(world.is_correct(p["prompt"], p["chosen"]) != world.is_correct(p["prompt"], p["rejected"]) for p in helpful)
     print(f"{len(pairs)} fresh pairs, {len(helpful)} helpfulness, {differ} of them differ in correctness", flush=True)
     samples = [s for s in read_objects(rs_samples) if not world.is_secret_prompt(s["prompt"])]
-    r = SIZES["default"]["reward"]
+    r = size_settings("default")["reward"]
     for n in (int(x) for x in args.sizes.split(",")):
         sub = args.out / f"pairs_{n}.jsonl"
         sub.write_text("".join(json.dumps(p) + "\n" for p in helpful[:n]))

@@ -3,13 +3,12 @@ from .model import ModelArgs, PRESETS, Transformer
 from .kv_cache import KVCache
 from .tokenizer import Tokenizer, train_tokenizer
 from . import chat
-from .generation import Llama, generate, GenerationConfig
-from .engine import Engine, SamplingParams
-from .quant import quantize_int8
+from . import generate  # the inference package; callable: llama2.generate(model, prompts, ...)
+from .generate import Engine, GenerationConfig, Llama, SamplingParams, quantize_int8
 from .rlhf.reward_model import RewardModel
 
 __version__ = "0.1.0"
 __all__ = [
-    "ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "train_tokenizer", "chat",
-    "Llama", "generate", "GenerationConfig", "Engine", "SamplingParams", "quantize_int8", "RewardModel",
+    "ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "train_tokenizer", "chat", "generate",
+    "Llama", "GenerationConfig", "Engine", "SamplingParams", "quantize_int8", "RewardModel",
 ]

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .chat import fit_dialog  # noqa: F401  (re-exported: the chat loop's tests use it)
 from .config import ConfigError, describe, load_config
 
 # -- the training stages: one pattern ------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def run_stage(name: str, args) -> None:
 # -- generation -------------------------------------------------------------------------------------------------
 def _gen_config(args, context: int | None):
     """Generation fields; a max_new_tokens the user did not set is capped to half the model's ``context`` (and said)."""
-    from .generation import GenerationConfig
+    from .generate import GenerationConfig
 
     cfg = load_config(GenerationConfig, args.config, args.overrides)
     if context is None:
@@ -161,7 +160,7 @@ def _gen_config(args, context: int | None):
 
 
 def _load(args):
-    from .generation import Llama
+    from .generate import Llama
 
     t0 = time.perf_counter()
     llama = Llama.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device, quantize=args.quantize)
@@ -186,7 +185,7 @@ def _refuse_tags(*texts: str | None) -> None:
 
 def cmd_generate(args) -> None:
     from .chat import fit_prompt
-    from .generation import TextStreamer
+    from .generate import TextStreamer
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -229,7 +228,7 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     from .chat import UNSAFE_ERROR, fit_prompt, has_special_tags
-    from .generation import TextStreamer
+    from .generate import TextStreamer
 
     _gen_config(args, None)  # bad generation fields fail before the model loads
     _refuse_tags(args.system)
@@ -282,9 +281,9 @@ def _gen_parser(p: argparse.ArgumentParser, full: bool) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--quantize", choices=("none", "int8"), default=None,
-                   help="int8: weight-only int8 linear layers for generation (about 4x fewer bytes read per token)")
+                   help="int8: weight-only int8 linear layers for generation (a quarter of the bytes fp32 reads per token)")
     if full:
-        from .generation import GenerationConfig
+        from .generate import GenerationConfig
 
         p.epilog = "generation fields (key=value):\n" + describe(GenerationConfig)
 
@@ -333,7 +332,7 @@ def cmd_prepare(args) -> None:
 def cmd_pipeline(args) -> None:
     from .pipeline import run_pipeline
 
-    report = run_pipeline(args.out, quick=args.quick, from_stage=PIPELINE_ALIASES.get(args.from_stage, args.from_stage), seed=args.seed, device=args.device,
+    report = run_pipeline(args.out, quick=args.quick, from_stage=args.from_stage, seed=args.seed, device=args.device,
                           overrides=args.overrides, size=args.size)
     print(f"\nreport: {report} (figures in {report.parent / 'report'}, numbers in {report.parent / 'metrics.json'})")
     print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
@@ -380,17 +379,18 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), seed=args.seed)
 
 
-# llama2.pipeline.STAGES (not imported here: the CLI starts without loading every stage), and the names of the
-# stages that the rlhf stage now runs version by version, accepted as aliases of it
-PIPELINE_STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "rlhf", "ppo", "gatt", "eval", "report")
-PIPELINE_ALIASES = {"reward": "rlhf", "rejection": "rlhf"}
+# -- the parser: one builder per command ---------------------------------------------------------------------------
+def _command(sub, name: str, func, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser: its one-line help, its description and examples kept as written, what it runs."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
 
 
-def _add_other_commands(sub, chosen: str | None) -> None:
-    full = chosen is None
-
-    p = sub.add_parser("convert", help="convert a checkpoint between native, Meta, Hugging Face and GGUF formats",
-                       description="Read a checkpoint in any supported format (detected) and write it in another.")
+def _add_convert(sub, chosen: str | None) -> None:
+    p = _command(sub, "convert", cmd_convert, help="convert a checkpoint between native, Meta, Hugging Face and GGUF formats",
+                 description="Read a checkpoint in any supported format (detected) and write it in another.")
     p.add_argument("src", help="checkpoint directory (native, Meta params.json + consolidated.*.pth, HF config.json + safetensors) or .gguf file")
     p.add_argument("dst", help="output directory (or .gguf file for --to gguf)")
     p.add_argument("--to", required=True, choices=["native", "meta", "hf", "gguf"], help="output format")
@@ -399,38 +399,33 @@ def _add_other_commands(sub, chosen: str | None) -> None:
     p.add_argument("--gguf-type", default=None, choices=["f32", "f16"], help="tensor type for --to gguf (default f32)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (.model or .gguf) to write alongside, if SRC has none")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it is already a checkpoint")
-    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="complete prompts (plain or in the chat format)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Generate continuations of prompts with the KV cache. One prompt streams as it is generated.")
+
+def _add_generate(sub, chosen: str | None) -> None:
+    p = _command(sub, "generate", cmd_generate, help="complete prompts (plain or in the chat format)",
+                 description="Generate continuations of prompts with the KV cache. One prompt streams as it is generated.")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", help="a text file, one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the Llama 2 chat format")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--no-stream", action="store_true", help="print only when done")
-    _gen_parser(p, full or chosen == "generate")
-    p.set_defaults(func=cmd_generate)
+    _gen_parser(p, chosen in (None, "generate"))
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat in the Llama 2 chat format",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Chat with a model. The dialog is kept across turns; when it would overflow the "
-                       "context, the oldest exchanges are dropped (and you are told). Messages holding the chat "
-                       "template's tags are refused, as Meta's code refuses them.")
+
+def _add_chat(sub, chosen: str | None) -> None:
+    p = _command(sub, "chat", cmd_chat, help="interactive multi-turn chat in the Llama 2 chat format",
+                 description="Chat with a model. The dialog is kept across turns; when it would overflow the "
+                 "context, the oldest exchanges are dropped (and you are told). Messages holding the chat "
+                 "template's tags are refused, as Meta's code refuses them.")
     p.add_argument("--system", default=None, help="system prompt, folded into the first user turn as <<SYS>>...<</SYS>>")
-    _gen_parser(p, full or chosen == "chat")
-    p.set_defaults(func=cmd_chat)
-
-    _add_data_and_run_commands(sub, chosen)
+    _gen_parser(p, chosen in (None, "chat"))
 
 
-def _add_data_and_run_commands(sub, chosen: str | None) -> None:
-    full = chosen is None
-    p = sub.add_parser("prepare", help="tokenize text / JSONL corpora into token shards for pretraining",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Tokenize documents ([BOS] + ids + [EOS]) into flat uint16/uint32 shards plus a "
-                       "manifest.json, split into train/val by a seeded hash of each document. A rerun with unchanged "
-                       "inputs, tokenizer and settings does nothing.")
+def _add_prepare(sub, chosen: str | None) -> None:
+    p = _command(sub, "prepare", cmd_prepare, help="tokenize text / JSONL corpora into token shards for pretraining",
+                 description="Tokenize documents ([BOS] + ids + [EOS]) into flat uint16/uint32 shards plus a "
+                 "manifest.json, split into train/val by a seeded hash of each document. A rerun with unchanged "
+                 "inputs, tokenizer and settings does nothing.")
     p.add_argument("--input", dest="inputs", action="append", metavar="PATH",
                    help="a file, directory or glob (repeat); added to inputs=... from --config / overrides")
     p.add_argument("--out", default=None, help="output directory (same as out=...)")
@@ -439,47 +434,48 @@ def _add_data_and_run_commands(sub, chosen: str | None) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad input instead of failing (same as skip_bad=true)")
     p.add_argument("--config", help="YAML file of prepare fields (below); key=value overrides win")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="prepare fields, e.g. val_fraction=0.01 shard_tokens=16777216")
-    if full or chosen == "prepare":
+    if chosen in (None, "prepare"):
         from .data.prepare import PrepareConfig
 
         p.epilog = "prepare fields (key=value):\n" + describe(PrepareConfig)
-    p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("pipeline", help="the whole recipe on the built-in toy world, with a report (what make run runs)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="world -> tokenizer -> prepare -> pretrain -> sft -> reward models -> rejection "
-                       "sampling -> ppo -> gatt -> eval -> report, on CPU. A stage whose output exists is skipped, so a "
-                       "stopped run resumes; --from redoes a stage and all after it. Default about 10-20 minutes on 2 "
-                       "cores, --quick about 2.",
-                       epilog="overrides: STAGE.FIELD=VALUE for any field of a stage's config (see `llama2 STAGE --help`),\n"
-                              "for example: llama2 pipeline ppo.kl_beta=0.02 sft.lr=1e-4 rejection.k=8")
+
+def _add_pipeline(sub, chosen: str | None) -> None:
+    p = _command(sub, "pipeline", cmd_pipeline, help="the whole recipe on the built-in toy world, with a report (what make run runs)",
+                 description="world -> tokenizer -> prepare -> pretrain -> sft -> reward models -> rejection "
+                 "sampling -> ppo -> gatt -> eval -> report, on CPU. A stage whose output exists is skipped, so a "
+                 "stopped run resumes; --from redoes a stage and all after it. Default about 10-20 minutes on 2 "
+                 "cores, --quick about 2. The sizes are configs/pipeline/{quick,default,large}.yaml.",
+                 epilog="overrides: STAGE.FIELD=VALUE for any field of a stage's config (see `llama2 STAGE --help`),\n"
+                        "for example: llama2 pipeline ppo.kl_beta=0.02 sft.lr=1e-4 rejection.k=8")
     p.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
     p.add_argument("--quick", action="store_true", help="a smaller world and model (about 2 minutes); same as --size quick")
-    p.add_argument("--size", choices=("quick", "default", "large"), default=None,
-                   help="quick (CPU, ~2 min), default (CPU, ~10-20 min) or large (an 11M-parameter model and a bigger world "
-                        "for one GPU, --device cuda)")
-    p.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES + tuple(PIPELINE_ALIASES), default=None,
+    p.add_argument("--size", default=None,
+                   help="quick (CPU, ~2 min), default (CPU, ~10-20 min), large (an 11M-parameter model and a bigger world "
+                        "for one GPU, --device cuda), or a YAML file of a size's settings like configs/pipeline/*.yaml")
+    stages = None  # the pipeline's own list of stages, read only when its command is chosen (it imports every stage)
+    if chosen in (None, "pipeline"):
+        from . import pipeline
+
+        stages = pipeline.STAGES + tuple(pipeline.ALIASES)
+    p.add_argument("--from", dest="from_stage", choices=stages, default=None,
                    help="redo this stage and every later one (rlhf: the RLHF versions' annotation, reward models and "
                         "rejection sampling; reward and rejection are accepted for it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
     p.add_argument("--device", default="cpu", help="device of every stage: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE", help="override a stage's field, e.g. ppo.kl_beta=0.02")
-    p.set_defaults(func=cmd_pipeline)
-
-    _add_eval_and_serve(sub)
 
 
-def _add_eval_and_serve(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on lm-evaluation-harness tasks, the paper's set, or the toy world",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run lm-evaluation-harness tasks on a checkpoint through this package's model (log-"
-                       "likelihood, rolling log-likelihood, generation until stop strings) and write lm-eval's results "
-                       "JSON. --tasks paper runs the Llama 2 paper's benchmark set and prints it grouped like its "
-                       "Table 3; --tasks toyworld scores the built-in world's held-out tasks as the pipeline's report "
-                       "does. Datasets are downloaded by lm-eval where a task needs them.",
-                       epilog="examples:\n  llama2 eval --ckpt runs/toy/final --tasks toyworld\n"
-                              "  llama2 eval --ckpt out/7b-hf --tasks hellaswag,arc_easy --num-fewshot 0 --limit 100\n"
-                              "  llama2 eval --ckpt out/7b-hf --tasks paper --out results.json")
+def _add_eval(sub, chosen: str | None) -> None:
+    p = _command(sub, "eval", cmd_eval, help="evaluate a checkpoint on lm-evaluation-harness tasks, the paper's set, or the toy world",
+                 description="Run lm-evaluation-harness tasks on a checkpoint through this package's model (log-"
+                 "likelihood, rolling log-likelihood, generation until stop strings) and write lm-eval's results "
+                 "JSON. --tasks paper runs the Llama 2 paper's benchmark set and prints it grouped like its "
+                 "Table 3; --tasks toyworld scores the built-in world's held-out tasks as the pipeline's report "
+                 "does. Datasets are downloaded by lm-eval where a task needs them.",
+                 epilog="examples:\n  llama2 eval --ckpt runs/toy/final --tasks toyworld\n"
+                        "  llama2 eval --ckpt out/7b-hf --tasks hellaswag,arc_easy --num-fewshot 0 --limit 100\n"
+                        "  llama2 eval --ckpt out/7b-hf --tasks paper --out results.json")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or globs, task YAML files, 'paper' or 'toyworld'")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for every task (default: each task's own; 'paper' uses the paper's)")
@@ -490,17 +486,17 @@ def _add_eval_and_serve(sub) -> None:
     p.add_argument("--chat", action="store_true", help="render prompts in the Llama 2 chat format")
     p.add_argument("--allow-code-execution", action="store_true", help="let code tasks (HumanEval, MBPP) run the model's code")
     p.add_argument("--out", default=None, help="write lm-eval's results JSON here")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a checkpoint (continuous batching)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Serve a checkpoint over HTTP with the OpenAI API: GET /health, GET /v1/models, POST "
-                       "/v1/chat/completions (messages rendered in the Llama 2 chat format exactly as `llama2 chat` "
-                       "does; messages holding the template's tags are refused) and POST /v1/completions, streaming "
-                       "as server-sent events. Concurrent requests share the decode steps (continuous batching).",
-                       epilog="example:\n  llama2 serve --ckpt runs/toy/final --port 8000\n"
-                              "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-                              "       -d '{\"model\": \"final\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'")
+
+def _add_serve(sub, chosen: str | None) -> None:
+    p = _command(sub, "serve", cmd_serve, help="an OpenAI-compatible HTTP server over a checkpoint (continuous batching)",
+                 description="Serve a checkpoint over HTTP with the OpenAI API: GET /health, GET /v1/models, POST "
+                 "/v1/chat/completions (messages rendered in the Llama 2 chat format exactly as `llama2 chat` "
+                 "does; messages holding the template's tags are refused) and POST /v1/completions, streaming "
+                 "as server-sent events. Concurrent requests share the decode steps (continuous batching).",
+                 epilog="example:\n  llama2 serve --ckpt runs/toy/final --port 8000\n"
+                        "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                        "       -d '{\"model\": \"final\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -510,12 +506,30 @@ def _add_eval_and_serve(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context of the server's cache (default: the model's)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the checkpoint's directory name)")
     p.add_argument("--quantize", choices=("none", "int8"), default=None, help="int8: weight-only int8 linear layers")
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="a short tour on a tiny model: train a tokenizer, convert through every format, generate")
+
+def _add_demo(sub, chosen: str | None) -> None:
+    p = _command(sub, "demo", cmd_demo, help="a short tour on a tiny model: train a tokenizer, convert through every format, generate",
+                 description="Train a tokenizer and a tiny model on a built-in corpus, convert it through every "
+                 "checkpoint format (native -> Hugging Face -> Meta in 2 shards -> GGUF), reload each with its "
+                 "logits compared, and generate from the last copy.")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the tokenizer's sampling")
+
+
+def _add_stage(sub, chosen: str | None, name: str) -> None:
+    spec = STAGES[name]
+    p = _command(sub, name, lambda args: run_stage(name, args), help=spec.help, description=spec.description)
+    p.add_argument("--config", help=f"YAML file of {name} fields (below), e.g. {spec.example}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{name} fields (listed below), e.g. out=runs/{name}")
+    if chosen in (None, name):
+        p.epilog = f"{name} fields (key=value):\n" + describe(_stage_class(name))
+
+
+COMMANDS = {"convert": _add_convert, "generate": _add_generate, "chat": _add_chat, "prepare": _add_prepare,
+            "pipeline": _add_pipeline, "eval": _add_eval, "serve": _add_serve, "demo": _add_demo,
+            **{name: (lambda sub, chosen, name=name: _add_stage(sub, chosen, name)) for name in STAGES}}
+"""Every command, by name, with the function that adds its parser (the training stages share one)."""
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
@@ -529,15 +543,8 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (or LLAMA2_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_other_commands(sub, chosen)
-    for name, spec in STAGES.items():
-        p = sub.add_parser(name, help=spec.help, description=spec.description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", help=f"YAML file of {name} fields (below), e.g. {spec.example}")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{name} fields (listed below), e.g. out=runs/{name}")
-        if chosen is None or chosen == name:
-            p.epilog = f"{name} fields (key=value):\n" + describe(_stage_class(name))
-        p.set_defaults(func=lambda args, name=name: run_stage(name, args))
+    for add in COMMANDS.values():
+        add(sub, chosen)
     return parser
 
 
@@ -548,9 +555,8 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = _command_of(argv)
-    known = (*STAGES, "convert", "generate", "chat", "prepare", "pipeline", "eval", "serve", "demo")
     # `llama2 --help` or a bad command: no command's fields are shown, so none of their modules is imported ("")
-    parser = build_parser(chosen if chosen in known else "")
+    parser = build_parser(chosen if chosen in COMMANDS else "")
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("LLAMA2_DEBUG", "") not in ("", "0")
     try:

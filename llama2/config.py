@@ -13,8 +13,8 @@ here and nested by every stage that needs them, each stage giving its own defaul
 
 ``llama2 <command> --config FILE.yaml key=value ...`` fills a stage's config: defaults, then the YAML file,
 then the overrides, left to right, each value checked against the field's type. A field is named by its own
-name when that is unambiguous (``lr=1e-4``, ``out=runs/x``: the names that worked before the groups existed
-keep working), or by its dotted path (``optim.lr=1e-4``); YAML may use either, or nested mappings. The same
+name when that is unambiguous (``lr=1e-4``, ``out=runs/x``: short to type, and the same in every stage), or by
+its dotted path (``optim.lr=1e-4``); YAML may use either, or nested mappings. The same
 holds for the constructors: ``SFTConfig(lr=1e-4, out="x")`` routes each name into its group. Errors name the
 file (or the override) and the field.
 """
@@ -24,7 +24,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import json
 import math
 import re
 import textwrap
@@ -38,7 +37,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "check", "field_docs", "load_config", "apply_overrides", "coerce", "describe", "group", "stage_config",
-    "flat_fields", "to_dict", "to_overrides", "RunConfig", "OptimConfig", "SamplingConfig", "StageSampling",
+    "flat_fields", "to_dict", "RunConfig", "OptimConfig", "SamplingConfig", "StageSampling",
     "BatchConfig",
 ]
 
@@ -90,7 +89,7 @@ class RunConfig:
     the gain is small and a compile takes long to repay (benchmarks/RESULTS.md). A block that fails to compile runs
     eagerly, with a warning."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    """Recompute each block's activations in the backward pass (less memory, one more forward of each block)."""
     eval_every: int = 0
     """Evaluate every this many steps (0 = only at the end)."""
     save_every: int = 500
@@ -171,7 +170,7 @@ class StageSampling(SamplingConfig):
     gen_batch: int = 8
     """Prompts per generation call (each expanded to its k samples)."""
     engine: str = "auto"
-    """Decoding path: auto or static (the static-cache engine), eager (the reference loop; see llama2.generation)."""
+    """Decoding path: auto or static (the static-cache engine), eager (the reference loop; see llama2.generate)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,7 +179,7 @@ class StageSampling(SamplingConfig):
         check(self.engine in ("auto", "static", "eager"), "engine", self.engine, "auto, static or eager")
 
     def generate_kwargs(self) -> dict:
-        """The fields ``llama2.generation.generate`` takes."""
+        """The fields ``llama2.generate.generate`` takes."""
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
                     engine=self.engine)
 
@@ -293,22 +292,6 @@ def stage_config(cls: type[T]) -> type[T]:
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
-
-
-def to_overrides(cfg: Any) -> list[str]:
-    """The config as ``key=value`` strings, by the names a command line takes (the inverse of
-    :func:`apply_overrides`): every top-level field, then every group's fields."""
-    flat = flat_fields(type(cfg))
-    out = []
-    for name, path in flat.items():
-        if "." in name and flat.get(name.split(".")[-1]) == path:  # a group field that also has a plain name: once
-            continue
-        value = getattr(cfg, path[0]) if len(path) == 1 else getattr(getattr(cfg, path[0]), path[1])
-        if dataclasses.is_dataclass(value):
-            continue
-        text = json.dumps(list(value)) if isinstance(value, (list, tuple)) else ("none" if value is None else str(value))
-        out.append(f"{name}={text}")
-    return out
 
 
 def to_dict(cfg: Any) -> dict:

@@ -3,8 +3,7 @@
 Writes a small seeded corpus, trains a Llama-style tokenizer on it, fits a tiny Llama 2 model for a few
 hundred steps so its greedy output is recognisable, then converts it through every checkpoint format
 (native -> Hugging Face -> Meta in 2 shards -> GGUF), reloading each and checking the logits agree,
-and generates from the final copy. ``llama2 pipeline`` (the whole recipe on the toy world) will replace this
-as ``make run``'s job.
+and generates from the final copy. The whole recipe on the toy world is ``llama2 pipeline`` (``make run``).
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ def demo_corpus(seed: int = 0, n: int = 3000) -> str:
 
 def run_demo(out: Path, seed: int = 0, steps: int = 300) -> dict:
     from .checkpoint import load, save
-    from .generation import Llama
+    from .generate import Llama
     from .kv_cache import KVCache
     from .model import ModelArgs, Transformer
     from .tokenizer import train_tokenizer

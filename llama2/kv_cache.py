@@ -5,25 +5,35 @@ model's own forward writes it (``Transformer.forward(tokens, start_pos, cache)``
 the whole batch. A grouped-query model caches n_kv_heads heads, not n_heads, so its cache is n_kv_heads / n_heads
 the size of an MHA cache (the memory saving that motivates GQA, Llama 2 §2.2 and A.2.1).
 
-``StaticKVCache``: the generation engine's cache (``llama2.engine``), layout (n_layers, B, n_kv_heads, max_seq_len,
+``StaticKVCache``: the generation engine's cache (``llama2.generate``), layout (n_layers, B, n_kv_heads, max_seq_len,
 head_dim), heads before positions, so that one layer's keys are already in the (B, KV, S, D) layout attention
 reads and every row can write at its own position (continuous batching). Its shape never changes while decoding,
 which is what lets the decode step be compiled once and replayed as a CUDA graph.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from .model import ModelArgs
-
 __all__ = ["KVCache", "StaticKVCache"]
+
+
+class ModelShape(Protocol):
+    """What a cache needs of a model's shape; ``llama2.model.ModelArgs`` has it (the cache sits below the model, which
+    writes it, so it names no model type)."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    max_seq_len: int
 
 
 class _Cache:
     """Preallocated keys and values of ``batch_size`` rows of up to ``max_seq_len`` positions, in the dtype and on
     the device given (``for_model``: the model's). Subclasses choose the layout of ``k`` and ``v``."""
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None,
+    def __init__(self, args: ModelShape, batch_size: int, max_seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.max_seq_len = max_seq_len or args.max_seq_len
         if self.max_seq_len > args.max_seq_len:
@@ -33,7 +43,7 @@ class _Cache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
-    def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+    def _shape(args: ModelShape, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
         raise NotImplementedError
 
     @property
@@ -58,7 +68,7 @@ class KVCache(_Cache):
     row (the eager generation loop)."""
 
     @staticmethod
-    def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+    def _shape(args: ModelShape, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
         return (args.n_layers, batch_size, max_seq_len, args.n_kv_heads, args.head_dim)
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +94,7 @@ class StaticKVCache(_Cache):
     """
 
     @staticmethod
-    def _shape(args: ModelArgs, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+    def _shape(args: ModelShape, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
         return (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
 
     def select(self, index: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from .model import ModelArgs
-from .ops import _onednn_ok, onednn_linear
+from .ops import onednn_ok, onednn_linear
 
 __all__ = ["matmul_params", "flops_per_token", "measure_matmul_flops", "peak_memory_bytes", "reset_peak_memory",
            "current_rss_bytes"]
@@ -61,7 +61,7 @@ def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype 
     out = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     kernels = [lambda: torch.mm(a, b, out=out)]
-    if _onednn_ok(a, b):  # the kernel our CPU layers call
+    if onednn_ok(a, b):  # the kernel our CPU layers call
         kernels.append(lambda: onednn_linear(a, b))
     best = float("inf")
     for kernel in kernels:

@@ -1,15 +1,13 @@
 """The whole Llama 2 recipe end to end on the toy world, with a report of its effects (`llama2 pipeline`).
 
-world -> tokenizer -> prepare -> pretrain -> sft -> reward models (helpfulness and safety, with and without a
-margin) -> rejection sampling (2 iterations) -> PPO -> GAtt -> evaluation -> report. Every stage runs through
-the same library function as its command (``llama2 pretrain``, ``llama2 sft`` ...) on files in the same
+world -> tokenizer -> prepare -> pretrain -> sft -> RLHF versions (fresh preference pairs, helpfulness and safety
+reward models with and without a margin, rejection sampling) -> PPO -> GAtt -> evaluation -> report. Every stage runs
+through the same library function as its command (``llama2 pretrain``, ``llama2 sft`` ...) on files in the same
 formats real data uses, and writes a directory under OUT. A stage whose output is complete is skipped, so a
 stopped pipeline resumes where it stopped; ``--from STAGE`` redoes that stage and every later one.
 
-The sizes are chosen for a 2-core CPU: ``quick`` (toy-tiny, about 2 minutes, what the test suite runs) and the
-default (toy-small, about 10-20 minutes on 2 cores, by the CPU). Pretraining takes many small steps rather than few large ones: on the
-default world, 500 steps of 2,048 tokens recall 90-95% of held-out facts after SFT where 120 steps of 8,192 tokens
-(the same 1M tokens, the same time) recalled 18%.
+The sizes are files, ``configs/pipeline/{quick,default,large}.yaml``, each setting with its reason: ``quick`` and
+``default`` for a 2-core CPU (the tests run ``quick``; ``make run`` the default), ``large`` for one GPU.
 """
 from __future__ import annotations
 
@@ -21,18 +19,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 
+from .answers import answer_texts
 from .chat import format_dialog
 from .checkpoint import load
 from .config import ConfigError, StageSampling, apply_overrides
 from .data.prepare import PrepareConfig, prepare
-from .data.records import read_dialogs, read_objects, read_preferences, read_prompts
+from .data.records import read_dialogs, read_eval_items, read_objects, read_preferences, read_prompts
 from .eval.gatt import GattEvalConfig, gatt_eval
 from .eval.report import write_report
-from .eval.reward import evaluate_reward
-from .eval.toyworld import evaluate_chat_model, read_eval_items, read_pipeline_marker
+from .eval.toyworld import evaluate_chat_model, read_pipeline_marker
 from .eval.winrate import compare_answers, win_rate
-from .sampling import answer_texts
+from .rlhf.reward_model import evaluate_reward
 from .tokenizer import train_tokenizer
 from .toyworld import ToyWorld, pipeline_world
 from .train.gatt import GattConfig, gatt
@@ -43,74 +42,31 @@ from .train.reward import RewardConfig, train_reward
 from .train.sft import SFTConfig, sft
 from .train.state import publish
 
-STAGES = ("world", "tokenizer", "prepare", "pretrain", "sft", "rlhf", "ppo", "gatt", "eval", "report")
+ALIASES = {"reward": "rlhf", "rejection": "rlhf"}  # stages the rlhf stage runs version by version: --from names them
+SIZES_DIR = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
+SIZE_NAMES = ("quick", "default", "large")
+_SIZE_KEYS = {"world", "vocab", "model", "seq_len", "versions", "pretrain", "sft", "reward", "annotate", "rejection",
+              "ppo", "gatt", "eval", "seconds"}
 
-# Per-size settings. Learning rates are far above the paper's: a model of a few million parameters trained for
-# minutes needs large steps; the structure of every stage (losses, schedules, selection rules) is the paper's.
-SIZES = {
-    "quick": dict(
-        world="quick", vocab=512, model="toy-tiny", seq_len=128, versions=2,
-        pretrain=dict(max_steps=800, batch_tokens=2048, micro_batch=16, lr=3e-3, warmup_steps=20, eval_every=200),
-        sft=dict(epochs=6, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=5),
-        annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=32),
-        reward=dict(epochs=2, batch_pairs=16, micro_batch=8, lr=3e-4),
-        rejection=dict(k=4, temperatures=[1.0, 1.1], max_new_tokens=32, epochs=1, batch_size=16, micro_batch=8,
-                       lr=2e-4),
-        ppo=dict(iterations=4, rollout_batch=32, minibatch=8, micro_batch=8, lr=2e-5, value_lr=1e-4,
-                 max_new_tokens=32, eval_every=2, patience=0),
-        gatt=dict(turns=4, k=4, max_new_tokens=24, epochs=1, batch_size=16, micro_batch=8, lr=2e-4, temperature=0.5),
-        eval=dict(max_new_tokens=32, gatt_probes=8, gatt_turns=20, k_curve=4),
-        # measured stage times on the reference 2-core machine (the progress line's estimate of time left)
-        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=52, sft=6, rlhf=23, ppo=4, gatt=1, eval=9, report=2),
-    ),
-    "default": dict(
-        world="default", vocab=1024, model="toy-small", seq_len=256,
-        versions=3,
-        pretrain=dict(max_steps=500, batch_tokens=2048, micro_batch=8, lr=2e-3, warmup_steps=20, eval_every=100),
-        # SFT 6 epochs: at 3 the model was short of training, and GAtt's replay of the SFT data finished it, which
-        # then passed for a win of RLHF over SFT (README)
-        sft=dict(epochs=6, batch_size=16, micro_batch=8, lr=5e-4, warmup_steps=10),
-        # many small steps at a high rate: a toy reward model learns more from them than from a few large ones;
-        # centred scores (RewardConfig.center): with the stronger SFT model the free offset crowded sigmoid(score) at 1
-        reward=dict(epochs=1, batch_pairs=16, micro_batch=8, lr=3e-4, center=0.01),
-        # two pairs of the latest model's answers per new prompt, rated by the judges (with the world's own pairs)
-        annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=48),
-        # Rejection sampling cool and short: a toy reward model picks a correct answer among the K samples hardly more
-        # often than chance (the report's table; README), so hotter samples and longer fine-tuning only teach the
-        # samples' errors.
-        rejection=dict(k=4, temperatures=[0.5, 0.5, 0.5], max_new_tokens=48, epochs=1, batch_size=16, micro_batch=8,
-                       lr=1e-4),
-        # PPO at 3e-5: at 1e-5 it never passed its starting held-out reward and kept its start; faster rates raise the
-        # reward model's reward further while the exact judges' falls (README; benchmarks/RESULTS.md)
-        ppo=dict(iterations=12, rollout_batch=64, minibatch=16, micro_batch=8, lr=3e-5, value_lr=1e-4,
-                 max_new_tokens=48, eval_every=4, patience=3),
-        # GAtt: long dialogs, many samples a turn (a failed turn retried with other user messages: GattConfig.retries),
-        # the SFT dialogs replayed one for one (without them the model learns to decorate every answer and loses task
-        # accuracy; README), several epochs; batches of 8 windows, as packed windows (GattConfig.pack) hold several
-        # trained answers each.
-        gatt=dict(turns=10, k=8, max_new_tokens=32, epochs=6, batch_size=8, micro_batch=8, lr=2e-4, temperature=0.5),
-        eval=dict(max_new_tokens=48, gatt_probes=48, gatt_turns=20, k_curve=8),
-        seconds=dict(world=1, tokenizer=1, prepare=1, pretrain=102, sft=49, rlhf=148, ppo=26, gatt=110, eval=37,
-                     report=1),
-    ),
-    # For one GPU (--device cuda): an 11M-parameter model (toy-25m at vocab 2,048), a bigger world, larger batches, more RLHF versions. Its stage
-    # times are estimates (no GPU run yet), used only by the progress line.
-    "large": dict(
-        world="large", vocab=2048, model="toy-25m", seq_len=512, versions=4,
-        pretrain=dict(max_steps=4000, batch_tokens=16384, micro_batch=32, lr=1e-3, warmup_steps=100, eval_every=500),
-        sft=dict(epochs=3, batch_size=32, micro_batch=32, lr=3e-4, warmup_steps=20),
-        reward=dict(epochs=1, batch_pairs=32, micro_batch=32, lr=1e-4),
-        annotate=dict(pairs=2, temperatures=[0.7, 1.0], max_new_tokens=64),
-        rejection=dict(k=8, temperatures=[0.5, 0.5, 0.5, 0.5], max_new_tokens=64, epochs=1, batch_size=32,
-                       micro_batch=32, lr=5e-5),
-        ppo=dict(iterations=40, rollout_batch=256, minibatch=64, micro_batch=32, lr=5e-6, value_lr=5e-5,
-                 max_new_tokens=64, eval_every=5, patience=4),
-        gatt=dict(turns=10, k=8, max_new_tokens=48, epochs=4, batch_size=32, micro_batch=32, lr=1e-4, temperature=0.5),
-        eval=dict(max_new_tokens=64, gatt_probes=64, gatt_turns=20, k_curve=8),
-        seconds=dict(world=5, tokenizer=5, prepare=5, pretrain=300, sft=30, rlhf=240, ppo=120, gatt=60, eval=60,
-                     report=2),
-    ),
-}
+
+def size_settings(size: str) -> dict:
+    """The settings of a pipeline size: ``configs/pipeline/SIZE.yaml`` for a size's name (quick, default, large),
+    or any YAML file of the same keys (each stage's block holds fields of that stage's config)."""
+    path = Path(size) if size.endswith((".yaml", ".yml")) else SIZES_DIR / f"{size}.yaml"
+    if not path.is_file():
+        where = f"one of {', '.join(SIZE_NAMES)} (files in {SIZES_DIR})" if path.parent == SIZES_DIR else "a YAML file"
+        raise ValueError(f"size {size!r}: no such file {path}; expected {where}")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of the pipeline's settings")
+    missing, unknown = _SIZE_KEYS - set(settings), set(settings) - _SIZE_KEYS
+    if missing or unknown:
+        raise ValueError(f"{path}: " + "; ".join(filter(None, [missing and f"missing {', '.join(sorted(missing))}",
+                                                              unknown and f"unknown {', '.join(sorted(unknown))}"])))
+    return settings
 
 
 @dataclass
@@ -118,7 +74,7 @@ class Ctx:
     out: Path
     size: str
     seed: int
-    s: dict
+    settings: dict  # the size's settings (size_settings)
     world: ToyWorld
     device: str = "cpu"
     overrides: dict[str, list[str]] = field(default_factory=dict)  # stage -> ["field=value", ...]
@@ -166,7 +122,7 @@ def stage_tokenizer(c: Ctx) -> None:
         f.write(Path(c.paths["pretrain"]).read_text(encoding="utf-8"))
         for dialog in read_dialogs(c.paths["sft"]):
             f.write("\n\n" + "\n".join(format_dialog(dialog)))
-    train_tokenizer([d / "corpus.txt"], c.s["vocab"], d / "tokenizer.model")
+    train_tokenizer([d / "corpus.txt"], c.settings["vocab"], d / "tokenizer.model")
     _mark(d)
 
 
@@ -178,15 +134,15 @@ def stage_prepare(c: Ctx) -> None:
 
 def stage_pretrain(c: Ctx) -> None:
     _finished(pretrain(c.config(PretrainConfig, "pretrain", data=str(c.out / "shards"), out=str(c.out / "pretrain"),
-                                model=c.s["model"], seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, resume=True,
-                                **c.s["pretrain"])))
+                                model=c.settings["model"], seq_len=c.settings["seq_len"], save_every=10**9, keep_last=1, resume=True,
+                                **c.settings["pretrain"])))
     _mark(c.out / "pretrain")
 
 
 def stage_sft(c: Ctx) -> None:
     _finished(sft(c.config(SFTConfig, "sft", data=c.paths["sft"], val_data=c.paths["sft_val"], init_from=str(c.out / "pretrain"),
-                           out=str(c.out / "sft"), seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, resume=True,
-                           **c.s["sft"])))
+                           out=str(c.out / "sft"), seq_len=c.settings["seq_len"], save_every=10**9, keep_last=1, resume=True,
+                           **c.settings["sft"])))
     _mark(c.out / "sft")
 
 
@@ -209,14 +165,16 @@ def latest_model(c: Ctx, v: int) -> Path:
 def reward_dirs(c: Ctx, v: int | None = None) -> dict[str, Path]:
     """The reward models of version v (default: the last). Margin-free ones exist for the last version only (the
     report's with/without-margin comparison, Table 28)."""
-    v = v or c.s["versions"]
-    margins = ("none", "small") if v == c.s["versions"] else ("small",)
+    v = v or c.settings["versions"]
+    margins = ("none", "small") if v == c.settings["versions"] else ("small",)
     return {f"{kind} RM ({'margin' if m != 'none' else 'no margin'})": version_dir(c, v) / "reward" / f"{kind}-{m}"
             for kind in ("helpfulness", "safety") for m in margins}
 
 
-def _rms(c: Ctx, v: int | None = None) -> dict:
-    d = version_dir(c, v or c.s["versions"]) / "reward"
+def reward_model_paths(c: Ctx, v: int | None = None) -> dict:
+    """The reward models that score for the stages after version v (default: the last): the margin ones, as the
+    ``reward_helpfulness`` and ``reward_safety`` fields of RejectionConfig, PPOConfig and GattConfig take them."""
+    d = version_dir(c, v or c.settings["versions"]) / "reward"
     return dict(reward_helpfulness=str(d / "helpfulness-small"), reward_safety=str(d / "safety-small"))
 
 
@@ -226,7 +184,7 @@ def _version_prompts(c: Ctx, v: int) -> Path:
     if not path.is_file():
         lines = [ln for ln in Path(c.paths["prompts"]).read_text(encoding="utf-8").splitlines() if ln.strip()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(ln + "\n" for ln in lines[v - 1 :: c.s["versions"]]), encoding="utf-8")
+        path.write_text("".join(ln + "\n" for ln in lines[v - 1 :: c.settings["versions"]]), encoding="utf-8")
     return path
 
 
@@ -244,7 +202,7 @@ def annotate_samples(c: Ctx, v: int) -> tuple[Path, Path]:
     train, test = vdir / "annotated.jsonl", vdir / "annotated_test.jsonl"
     if train.is_file() and test.is_file():
         return train, test
-    a = c.s["annotate"]
+    a = c.settings["annotate"]
     model, tok = load(latest_model(c, v), device=c.device)
     prompts = list(read_prompts(_version_prompts(c, v)))
     dialogs = [p.dialog for p in prompts]
@@ -291,8 +249,8 @@ def _train_reward_models(c: Ctx, v: int) -> None:
         _say(f"  v{v}: {name}")
         _finished(train_reward(c.config(RewardConfig, "reward", data=data, val_data=c.paths["preferences_heldout"],
                                         kind=kind, margin=margin, init_from=str(c.out / "sft"), out=str(d),
-                                        seq_len=c.s["seq_len"], save_every=10**9, keep_last=1, tensorboard=False,
-                                        resume=True, **c.s["reward"])))
+                                        seq_len=c.settings["seq_len"], save_every=10**9, keep_last=1, tensorboard=False,
+                                        resume=True, **c.settings["reward"])))
         _mark(d)
 
 
@@ -313,21 +271,21 @@ def _fresh_accuracy(c: Ctx, v: int) -> dict:
 
 
 def _rejection_version(c: Ctx, v: int) -> None:
-    r = dict(c.s["rejection"])
+    r = dict(c.settings["rejection"])
     temperature = r.pop("temperatures")[v - 1]
     previous = ",".join(str(version_dir(c, u) / "rejection" / "iter_1" / "kept.jsonl") for u in range(1, v))
     _finished(rejection(c.config(RejectionConfig, "rejection", prompts=str(_version_prompts(c, v)),
                                  init_from=str(c.out / "sft"), sample_from=str(latest_model(c, v)), previous=previous,
                                  iterations=1, temperatures=[temperature], out=str(version_dir(c, v) / "rejection"),
-                                 seq_len=c.s["seq_len"], tensorboard=False, resume=True, **_rms(c, v), **r)))
+                                 seq_len=c.settings["seq_len"], tensorboard=False, resume=True, **reward_model_paths(c, v), **r)))
 
 
 def stage_rlhf(c: Ctx) -> None:
-    for v in range(1, c.s["versions"] + 1):
+    for v in range(1, c.settings["versions"] + 1):
         vdir = version_dir(c, v)
         if _done(vdir):
             continue
-        _say(f"  RLHF version {v} of {c.s['versions']}")
+        _say(f"  RLHF version {v} of {c.settings['versions']}")
         annotate_samples(c, v)
         _train_reward_models(c, v)
         (vdir / "rm_fresh_accuracy.json").write_text(json.dumps(_fresh_accuracy(c, v), indent=2))
@@ -338,16 +296,16 @@ def stage_rlhf(c: Ctx) -> None:
 
 def stage_ppo(c: Ctx) -> None:
     _finished(ppo(c.config(PPOConfig, "ppo", prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"],
-                           init_from=str(version_dir(c, c.s["versions"]) / "rejection"), out=str(c.out / "ppo"),
-                           tensorboard=False, overwrite=True, **_rms(c),
-                           **c.s["ppo"])))
+                           init_from=str(version_dir(c, c.settings["versions"]) / "rejection"), out=str(c.out / "ppo"),
+                           tensorboard=False, overwrite=True, **reward_model_paths(c),
+                           **c.settings["ppo"])))
     _mark(c.out / "ppo")
 
 
 def stage_gatt(c: Ctx) -> None:
     _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), replay=c.paths["sft"],
-                            reward_model=_rms(c)["reward_helpfulness"], out=str(c.out / "gatt"), seq_len=c.s["seq_len"],
-                            tensorboard=False, resume=True, **c.s["gatt"])))
+                            reward_model=reward_model_paths(c)["reward_helpfulness"], out=str(c.out / "gatt"), seq_len=c.settings["seq_len"],
+                            tensorboard=False, resume=True, **c.settings["gatt"])))
     final = c.out / "final"
     final.mkdir(parents=True, exist_ok=True)
     publish(c.out / "gatt", final)
@@ -357,7 +315,7 @@ def stage_gatt(c: Ctx) -> None:
 def checkpoints(c: Ctx) -> dict[str, Path]:
     """The chat model after each stage, in the order of the recipe."""
     out = {"SFT": c.out / "sft"}
-    for v in range(1, c.s["versions"] + 1):
+    for v in range(1, c.settings["versions"] + 1):
         out[f"RS v{v}"] = version_dir(c, v) / "rejection"
     out["PPO"] = c.out / "ppo"
     out["GAtt (final)"] = c.out / "final"
@@ -365,13 +323,13 @@ def checkpoints(c: Ctx) -> dict[str, Path]:
 
 
 def stage_eval(c: Ctx) -> None:
-    e = c.s["eval"]
+    e = c.settings["eval"]
     d = c.out / "eval"
     d.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"stages": {}, "reward_models": {}}
     items = read_eval_items(c.paths["eval"])
     heldout = list(read_prompts(c.paths["prompts_heldout"]))
-    rms = load_reward_models(_rms(c)["reward_helpfulness"], _rms(c)["reward_safety"], c.device)
+    rms = load_reward_models(reward_model_paths(c)["reward_helpfulness"], reward_model_paths(c)["reward_safety"], c.device)
 
     # reward models: held-out accuracy per rating bucket, each on its own kind's test pairs (Tables 8 and 28)
     prefs = list(read_preferences(c.paths["preferences_heldout"]))
@@ -388,13 +346,13 @@ def stage_eval(c: Ctx) -> None:
     metrics["winrate"] = {f"{stage} vs SFT": win_rate(compare_answers(m["judge_scores"], sft_scores))
                           for stage, m in metrics["stages"].items() if stage != "SFT"}
     metrics["rm_fresh"] = {f"v{v}": json.loads((version_dir(c, v) / "rm_fresh_accuracy.json").read_text())
-                           for v in range(1, c.s["versions"] + 1)}
+                           for v in range(1, c.settings["versions"] + 1)}
     metrics["rs_selection"] = {f"v{v}": rs_selection(c, version_dir(c, v) / "rejection" / "iter_1" / "samples.jsonl")
-                               for v in range(1, c.s["versions"] + 1)}
+                               for v in range(1, c.settings["versions"] + 1)}
     metrics["ppo"] = [{k: r[k] for k in PPO_CURVES if k in r} for r in read_objects(c.out / "ppo" / "metrics.jsonl", missing_ok=True)]
     # best-of-K against K from the rejection-sampling iterations (Figure 7's shape)
     metrics["best_of_k"] = {}
-    for v in range(1, c.s["versions"] + 1):
+    for v in range(1, c.settings["versions"] + 1):
         st = json.loads((version_dir(c, v) / "rejection" / "iter_1" / "stats.json").read_text())
         metrics["best_of_k"][f"RS v{v} (T={st['temperature']})"] = st["best_of_k_curve"]
     # GAtt: adherence per turn with and without it (Figure 28's comparison)
@@ -443,7 +401,10 @@ def stage_report(c: Ctx) -> None:
     _mark(c.out / "report")
 
 
-RUNNERS = {name: globals()[f"stage_{name}"] for name in STAGES}
+RUNNERS = {"world": stage_world, "tokenizer": stage_tokenizer, "prepare": stage_prepare, "pretrain": stage_pretrain,
+           "sft": stage_sft, "rlhf": stage_rlhf, "ppo": stage_ppo, "gatt": stage_gatt, "eval": stage_eval,
+           "report": stage_report}  # the stages, in the order the recipe runs them
+STAGES = tuple(RUNNERS)
 DIRS = {**{name: name for name in STAGES}, "prepare": "shards"}  # where each stage writes (and marks DONE)
 CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "rejection": RejectionConfig,
            "ppo": PPOConfig, "gatt": GattConfig}
@@ -466,17 +427,44 @@ def parse_overrides(items: list[str]) -> dict[str, list[str]]:
 
 def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: str | None = None, seed: int = 0,
                  device: str = "cpu", overrides: list[str] | None = None, size: str | None = None) -> Path:
-    """Run (or resume) the whole recipe; returns the path of report.md. ``size``: quick, default or large (``quick``
-    is size="quick"); ``overrides``: STAGE.FIELD=VALUE items."""
+    """Run (or resume) the whole recipe; returns the path of report.md. ``size``: quick, default, large or a YAML
+    file of a size's settings (``quick`` is size="quick"); ``from_stage``: redo this stage (or the stage an alias
+    names) and every later one; ``overrides``: STAGE.FIELD=VALUE items."""
+    from_stage = ALIASES.get(from_stage, from_stage)
     if from_stage and from_stage not in STAGES:
-        raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
-    stage_overrides = parse_overrides(list(overrides or []))
-    out = Path(out)
+        raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES + tuple(ALIASES))}")
+    c = _start(Path(out), quick, size, seed, device, parse_overrides(list(overrides or [])))
+    for name in STAGES[STAGES.index(from_stage):] if from_stage else ():  # redo this stage and every later one
+        shutil.rmtree(c.out / DIRS[name], ignore_errors=True)
+        if name == "gatt":
+            shutil.rmtree(c.out / "final", ignore_errors=True)
+    t_start = time.time()
+    todo = [name for name in STAGES if not _done(c.out / DIRS[name])]
+    ran_expected = 0.0  # expected seconds of the stages run so far, to scale the estimate to this machine's pace
+    for i, name in enumerate(STAGES):
+        if name != "world" and c.paths is None:
+            c.paths = json.loads((c.out / "world" / "DONE").read_text())
+        if _done(c.out / DIRS[name]):
+            _say(f"[{i + 1}/{len(STAGES)}] {name}: done, skipped")
+            continue
+        elapsed = time.time() - t_start
+        eta = _eta(c.settings, todo[todo.index(name):], elapsed, ran_expected)
+        _say(f"[{i + 1}/{len(STAGES)}] {name} (pipeline {elapsed / 60:.1f} min so far, {eta})")
+        t0 = time.time()
+        RUNNERS[name](c)
+        ran_expected += c.settings["seconds"].get(name, 0)
+        _say(f"[{i + 1}/{len(STAGES)}] {name}: {time.time() - t0:.0f} s")
+    _say(f"pipeline: {(time.time() - t_start) / 60:.1f} min")
+    return c.out / "report.md"
+
+
+def _start(out: Path, quick: bool, size: str | None, seed: int, device: str, overrides: dict[str, list[str]]) -> Ctx:
+    """The run's context, after checking that ``out`` holds nothing but a run of this size and seed (and writing
+    its marker, pipeline.json)."""
     if quick and size not in (None, "quick"):
         raise ValueError(f"--quick and --size {size} disagree; give one of them")
     size = size or ("quick" if quick else "default")
-    if size not in SIZES:
-        raise ValueError(f"size {size!r}: expected one of {', '.join(SIZES)}")
+    settings = size_settings(size)
     if size == "large" and not device.startswith("cuda"):
         _say("note: the large size is meant for one GPU (--device cuda); on a CPU it takes hours")
     out.mkdir(parents=True, exist_ok=True)
@@ -486,37 +474,13 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
         if prev.get("size") != size or prev.get("seed") != seed:
             raise ValueError(f"{out} holds a {prev.get('size')} run with seed {prev.get('seed')}; use another --out "
                              f"(or delete it) for a {size} run with seed {seed}")
-        if prev.get("overrides", {}) != stage_overrides:
+        if prev.get("overrides", {}) != overrides:
             _say(f"note: {out} was started with overrides {prev.get('overrides', {})}; finished stages keep them "
                  "(use --from STAGE to redo a stage with the new ones)")
-    marker.write_text(json.dumps({"size": size, "seed": seed, "device": device, "overrides": stage_overrides,
+    marker.write_text(json.dumps({"size": size, "seed": seed, "device": device, "overrides": overrides,
                                   "stages": list(STAGES)}))
-    s = SIZES[size]
-    c = Ctx(out, size, seed, s, world=pipeline_world(seed, s["world"]), device=device,
-            overrides=stage_overrides)
-    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
-    for name in forced:  # redo this stage and every later one
-        shutil.rmtree(out / DIRS[name], ignore_errors=True)
-        if name == "gatt":
-            shutil.rmtree(out / "final", ignore_errors=True)
-    t_start = time.time()
-    todo = [name for name in STAGES if not _done(out / DIRS[name])]
-    ran_expected = 0.0  # expected seconds of the stages run so far, to scale the estimate to this machine's pace
-    for i, name in enumerate(STAGES):
-        stage_dir = out / DIRS[name]
-        if name != "world" and c.paths is None:
-            c.paths = json.loads((out / "world" / "DONE").read_text())
-        if _done(stage_dir):
-            _say(f"[{i + 1}/{len(STAGES)}] {name}: done, skipped")
-            continue
-        elapsed = time.time() - t_start
-        _say(f"[{i + 1}/{len(STAGES)}] {name} (pipeline {elapsed / 60:.1f} min so far, {_eta(s, todo[todo.index(name):], elapsed, ran_expected)})")
-        t0 = time.time()
-        RUNNERS[name](c)
-        ran_expected += s["seconds"].get(name, 0)
-        _say(f"[{i + 1}/{len(STAGES)}] {name}: {time.time() - t0:.0f} s")
-    _say(f"pipeline: {(time.time() - t_start) / 60:.1f} min")
-    return out / "report.md"
+    return Ctx(out, size, seed, settings, world=pipeline_world(seed, settings["world"]), device=device,
+               overrides=overrides)
 
 
 def _eta(s: dict, remaining: list[str], elapsed: float, ran_expected: float) -> str:

@@ -295,6 +295,18 @@ def _proto_from_gguf(path: Path) -> sp_pb2.ModelProto:
         sp_piece.score = float(score)
         sp_piece.type = ttype
 
+    add_space_prefix = _gguf_field(reader, "tokenizer.ggml.add_space_prefix", path, required=False)
+    remove_ws = _gguf_field(reader, "tokenizer.ggml.remove_extra_whitespaces", path, required=False)
+    _set_llama_specs(proto, tokens, types, (unk_id, bos_id, eos_id), pad_value, add_space_prefix, remove_ws)
+    _check_special_ids(proto, (unk_id, bos_id, eos_id), path)
+    return proto
+
+
+def _set_llama_specs(proto: sp_pb2.ModelProto, tokens, types, special: tuple[int, int, int], pad_value,
+                     add_space_prefix, remove_ws) -> None:
+    """The trainer and normalizer settings of Meta's model on ``proto`` (BPE, byte fallback, split digits,
+    identity normalisation, a dummy prefix), with the special ids (unk, bos, eos) the GGUF names."""
+    unk_id, bos_id, eos_id = special
     # Pad: Llama 2 has none (-1).  Only honour a GGUF pad id that names a
     # distinct control piece, which is what SentencePiece requires of a pad.
     pad_id = -1
@@ -320,25 +332,24 @@ def _proto_from_gguf(path: Path) -> sp_pb2.ModelProto:
 
     normalizer = proto.normalizer_spec
     normalizer.name = "identity"
-    add_space_prefix = _gguf_field(reader, "tokenizer.ggml.add_space_prefix", path, required=False)
     normalizer.add_dummy_prefix = True if add_space_prefix is None else bool(add_space_prefix)
-    remove_ws = _gguf_field(reader, "tokenizer.ggml.remove_extra_whitespaces", path, required=False)
     normalizer.remove_extra_whitespaces = False if remove_ws is None else bool(remove_ws)
     normalizer.escape_whitespaces = True
 
-    # Sanity-check that SentencePiece sees the same special ids as the GGUF.
+
+def _check_special_ids(proto: sp_pb2.ModelProto, special: tuple[int, int, int], path: Path) -> None:
+    """SentencePiece must see the same special ids (unk, bos, eos) as the GGUF fields name."""
     sp = spm.SentencePieceProcessor()
     try:
         sp.load_from_serialized_proto(proto.SerializeToString())
     except RuntimeError as err:
         raise ValueError(f"{str(path)!r}: GGUF tokenizer is not a valid SentencePiece model: {err}") from err
     got = (sp.unk_id(), sp.bos_id(), sp.eos_id())
-    if got != (unk_id, bos_id, eos_id):
+    if got != special:
         raise ValueError(
-            f"{str(path)!r}: special ids (unk, bos, eos) = {(unk_id, bos_id, eos_id)} from the GGUF "
+            f"{str(path)!r}: special ids (unk, bos, eos) = {special} from the GGUF "
             f"fields do not match the piece types (SentencePiece resolves {got})"
         )
-    return proto
 
 
 # ----------------------------------------------------------------- training
@@ -356,6 +367,32 @@ def _stderr_to_devnull() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _checked_training_inputs(files: Iterable[PathLike], vocab_size: int, out: PathLike,
+                             user_defined_symbols: Sequence[str]) -> tuple[list[Path], Path, list[str]]:
+    """train_tokenizer's inputs checked before SentencePiece sees them: (files, the .model path, the symbols)."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("train_tokenizer: no training files given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"train_tokenizer: training file not found: {str(p)!r}")
+        if "," in str(p):
+            # SentencePiece's `input` flag is a comma-separated list.
+            raise ValueError(f"train_tokenizer: file names must not contain ',': {str(p)!r}")
+    symbols = list(user_defined_symbols)
+    minimum = _NUM_BYTE_PIECES + _NUM_SPECIAL_PIECES + len(symbols) + 1
+    if vocab_size < minimum:
+        raise ValueError(
+            f"train_tokenizer: vocab_size={vocab_size} is too small; it must hold the "
+            f"{_NUM_BYTE_PIECES} byte-fallback pieces, {_NUM_SPECIAL_PIECES} special pieces "
+            f"and {len(symbols)} user-defined symbols, so at least {minimum}"
+        )
+    out_path = Path(out)
+    if out_path.suffix != ".model":
+        raise ValueError(f"train_tokenizer: output must be a '.model' path, got {str(out_path)!r}")
+    return paths, out_path, symbols
 
 
 def train_tokenizer(
@@ -393,27 +430,7 @@ def train_tokenizer(
     (parent directories are created).  SentencePiece's training log goes to
     stderr only when ``verbose`` is true.
     """
-    paths = [Path(f) for f in files]
-    if not paths:
-        raise ValueError("train_tokenizer: no training files given")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"train_tokenizer: training file not found: {str(p)!r}")
-        if "," in str(p):
-            # SentencePiece's `input` flag is a comma-separated list.
-            raise ValueError(f"train_tokenizer: file names must not contain ',': {str(p)!r}")
-    symbols = list(user_defined_symbols)
-    minimum = _NUM_BYTE_PIECES + _NUM_SPECIAL_PIECES + len(symbols) + 1
-    if vocab_size < minimum:
-        raise ValueError(
-            f"train_tokenizer: vocab_size={vocab_size} is too small; it must hold the "
-            f"{_NUM_BYTE_PIECES} byte-fallback pieces, {_NUM_SPECIAL_PIECES} special pieces "
-            f"and {len(symbols)} user-defined symbols, so at least {minimum}"
-        )
-    out_path = Path(out)
-    if out_path.suffix != ".model":
-        raise ValueError(f"train_tokenizer: output must be a '.model' path, got {str(out_path)!r}")
-
+    paths, out_path, symbols = _checked_training_inputs(files, vocab_size, out, user_defined_symbols)
     options: dict[str, Any] = dict(
         input=[str(p) for p in paths],
         model_type="bpe",

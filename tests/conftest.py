@@ -5,8 +5,10 @@
   enough for seconds-long training runs;
 * ``tiny_policy``: a toy-tiny language model with that tokenizer, saved as a native checkpoint (a fresh copy per
   test, so a test may train it), and ``write_prompts`` for a prompts JSONL file;
-* ``one_thread``: tiny models on a shared 2-core machine run faster on one intra-op thread.
+* ``one_thread``: tiny models on a shared 2-core machine run faster on one intra-op thread;
+* ``cli_overrides``: a stage config as the ``key=value`` items of its command line (to run it in a subprocess).
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from llama2 import ModelArgs, Transformer
 from llama2.checkpoint import save
+from llama2.config import flat_fields
 from llama2.data.prepare import PrepareConfig, prepare
 from llama2.demo import demo_corpus
 from llama2.tokenizer import Tokenizer, train_tokenizer
@@ -74,3 +77,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def _to_overrides(cfg) -> list[str]:
+    """The config as ``key=value`` strings, by the names a command line takes (the inverse of
+    ``llama2.config.apply_overrides``): every top-level field, then every group's fields."""
+    flat = flat_fields(type(cfg))
+    out = []
+    for name, path in flat.items():
+        if "." in name and flat.get(name.split(".")[-1]) == path:  # a group field that also has a plain name: once
+            continue
+        value = getattr(cfg, path[0]) if len(path) == 1 else getattr(getattr(cfg, path[0]), path[1])
+        if dataclasses.is_dataclass(value):
+            continue
+        text = json.dumps(list(value)) if isinstance(value, (list, tuple)) else ("none" if value is None else str(value))
+        out.append(f"{name}={text}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def cli_overrides():
+    return _to_overrides

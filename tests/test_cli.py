@@ -7,7 +7,8 @@ import torch
 
 from llama2 import Llama, ModelArgs, Transformer
 from llama2.checkpoint import load, save
-from llama2.cli import build_parser, fit_dialog, main
+from llama2.chat import fit_dialog
+from llama2.cli import build_parser, main
 
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from llama2.config import ConfigError, describe, field_docs, load_config
-from llama2.generation import GenerationConfig
+from llama2.generate import GenerationConfig
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -52,7 +52,7 @@ def test_every_field_is_documented_in_help():
 
 
 # -- stage configs: shared groups nested by every stage ---------------------------------------------------------
-from llama2.config import OptimConfig, RunConfig, flat_fields, to_overrides  # noqa: E402
+from llama2.config import OptimConfig, RunConfig, flat_fields  # noqa: E402
 from llama2.train.ppo import PPOConfig  # noqa: E402
 from llama2.train.rejection import RejectionConfig  # noqa: E402
 from llama2.train.sft import SFTConfig  # noqa: E402
@@ -80,9 +80,9 @@ def test_groups_are_shared_not_repeated():
     assert flat["seq_len"] == ("finetune", "seq_len") and flat["temperature"] == ("sampling", "temperature")
 
 
-def test_overrides_round_trip():
+def test_overrides_round_trip(cli_overrides):
     cfg = PPOConfig(prompts="p.jsonl", kl_beta=0.02, lr=3e-6, betas=(0.8, 0.9), temperature=0.7, out="o")
-    assert load_config(PPOConfig, None, to_overrides(cfg)) == cfg
+    assert load_config(PPOConfig, None, cli_overrides(cfg)) == cfg
 
 
 @pytest.mark.parametrize("override,match", [

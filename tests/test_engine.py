@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from llama2 import ModelArgs, Transformer, generate
-from llama2.engine import (
+from llama2.generate import (
     Decoder,
     Engine,
     Sampler,
     SamplingParams,
-    StaticKVCache,
     decoder_for,
     prefill_groups,
     sample_tokens,
     uniforms,
 )
+from llama2.kv_cache import StaticKVCache
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_prefill_in_length_groups_gives_each_prompts_logits_and_cache(model):
     """Distinct prompts prefilled shortest first in groups of similar length, each group over its own columns,
     repeated prompts copied: every row's logits are the model's own for its prompt, and decoding on from that
     cache gives the eager loop's tokens."""
-    from llama2.engine import _prefill_distinct, prefill_groups
+    from llama2.generate import prefill_groups, prefill_shared
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 101, (n,), generator=g).tolist() for n in (3, 30, 12, 3, 25, 14)]
@@ -59,7 +59,7 @@ def test_prefill_in_length_groups_gives_each_prompts_logits_and_cache(model):
     assert len(prefill_groups(sorted(len(p) for p in set(map(tuple, prompts))))) >= 3
     P = max(map(len, prompts))
     with torch.inference_mode():
-        cache, logits, starts = _prefill_distinct(decoder_for(model), prompts, P, 48, chunk=8)
+        cache, logits, starts = prefill_shared(decoder_for(model), prompts, P, 48, chunk=8)
         for b, p in enumerate(prompts):
             torch.testing.assert_close(logits[b], model(torch.tensor([p]))[0, -1], atol=1e-4, rtol=1e-4)
             assert int(starts[b]) == P - len(p)
@@ -147,12 +147,12 @@ def test_finished_rows_leave_the_batch_without_changing_outputs(model, monkeypat
 def test_overlapped_readback_gives_the_same_outputs(model, monkeypatch, check):
     """The CUDA loop (the next step queued before this step's tokens are read back, so one step may run past the
     end) run on the CPU: every equality above still holds."""
-    import llama2.engine as engine
+    import llama2.generate.batch as batch
 
-    monkeypatch.setattr(engine, "_OVERLAP_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(batch, "_OVERLAP_DEVICES", ("cpu", "cuda"))
     starts = []
-    real_start = engine._Readback.start
-    monkeypatch.setattr(engine._Readback, "start", lambda self, *a: (starts.append(1), real_start(self, *a))[1])
+    real_start = batch._Readback.start
+    monkeypatch.setattr(batch._Readback, "start", lambda self, *a: (starts.append(1), real_start(self, *a))[1])
     {"greedy": test_greedy_tokens_and_logprobs_equal_eager, "context": test_chunked_prefill_and_context_limit_equal_eager,
      "stops": test_stop_tokens_strings_and_streaming_equal_eager,
      "compaction": lambda m: test_finished_rows_leave_the_batch_without_changing_outputs(m, monkeypatch)}[check](model)
@@ -169,6 +169,16 @@ def test_sampled_rows_do_not_depend_on_the_batch(model):
     assert [x.tokens for x in a] != [x.tokens for x in c]
     assert alone[0].tokens == a[0].tokens
     assert a[1].tokens != a[3].tokens  # the same prompt twice: two different samples (per-row seeds)
+
+
+def test_eager_and_static_draw_the_same_samples(model):
+    """One token sampler serves both paths, keyed by (row seed, token index): sampled completions agree too, not
+    only greedy ones (up to the float rounding of the two paths' logits, which these draws do not meet)."""
+    for kw in (dict(temperature=1.0, top_p=1.0), dict(temperature=0.8, top_p=0.9, top_k=20)):
+        e = generate(model, PROMPTS, engine="eager", seed=3, max_new_tokens=12, stop_tokens=(), **kw)
+        s = generate(model, PROMPTS, engine="static", seed=3, max_new_tokens=12, stop_tokens=(), **kw)
+        assert [x.tokens for x in e] == [x.tokens for x in s]
+        assert len({tuple(x.tokens) for x in s}) > 1
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
@@ -336,17 +346,17 @@ def test_compile_none_waits_until_eager_time_would_have_paid_for_it(model, monke
 def test_auto_leaves_hooked_models_to_the_eager_path(model, monkeypatch):
     """engine="auto" must not bypass forward hooks that materialise parameters (FSDP): such a model decodes
     through model.forward."""
-    from llama2 import generation
+    from llama2.generate import api
 
     calls = []
     handle = model.register_forward_pre_hook(lambda mod, args: calls.append(1))
     try:
-        assert not generation._static_engine_applies(model)
+        assert not api._static_engine_applies(model)
         generate(model, PROMPTS[:1], temperature=0, max_new_tokens=3, stop_tokens=())
         assert calls  # the eager loop ran the model's forward (and its hooks)
     finally:
         handle.remove()
-    assert generation._static_engine_applies(model)
+    assert api._static_engine_applies(model)
 
 
 def test_engine_refuses_bad_settings_and_tokens_outside_the_vocabulary(model):
@@ -368,7 +378,7 @@ def test_a_stop_string_longer_than_32_tokens_is_found(llama_tokenizer):
     """The window of tokens decoded to look for a stop string follows the stop strings' length: digits are one
     token each in the Llama 2 vocabulary, so a 40-digit stop string spans 40+ tokens (a fixed 32-token window, as
     before, never saw it whole)."""
-    from llama2.engine import ends_in_stop
+    from llama2.generate import ends_in_stop
 
     stop = "1234567890" * 4
     ids = llama_tokenizer.encode("the code is " + stop)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama2 import GenerationConfig, ModelArgs, Transformer, generate
-from llama2.generation import TextStreamer, sample_next
+from llama2.generate import TextStreamer
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +59,6 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
     k1 = generate(model, PROMPTS, temperature=1.3, top_k=1, top_p=1.0, max_new_tokens=8, seed=0, stop_tokens=())
     p0 = generate(model, PROMPTS, temperature=1.3, top_p=1e-6, max_new_tokens=8, seed=0, stop_tokens=())
     assert [x.tokens for x in g] == [x.tokens for x in k1] == [x.tokens for x in p0]
-
-
-def test_sample_next_follows_top_p_and_top_k():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log()[None].repeat(20000, 1)
-    gen = torch.Generator().manual_seed(0)
-    # top-p 0.7: the nucleus is {0, 1} (0.5 < 0.7 <= 0.8), renormalised to 5/8, 3/8
-    picks = sample_next(logits, 1.0, top_p=0.7, generator=gen)
-    freq = torch.bincount(picks, minlength=4).float() / len(picks)
-    assert freq[2:].sum() == 0
-    assert abs(freq[0].item() - 0.625) < 0.02
-    # top-k 3 at temperature 1: probabilities renormalised over the 3 best
-    picks = sample_next(logits, 1.0, top_k=3, generator=gen)
-    freq = torch.bincount(picks, minlength=4).float() / len(picks)
-    assert freq[3] == 0 and abs(freq[2].item() - 0.15 / 0.95) < 0.02
-    # temperature sharpens: p_i^(1/T) normalised
-    picks = sample_next(logits, 0.5, generator=gen)
-    freq = torch.bincount(picks, minlength=4).float() / len(picks)
-    sharp = probs**2 / (probs**2).sum()
-    assert torch.allclose(freq, sharp, atol=0.02)
 
 
 def test_stop_token_ends_that_row_only(model):

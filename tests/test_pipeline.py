@@ -63,11 +63,11 @@ def test_rerun_skips_finished_stages_and_from_redoes_the_tail(run, capsys):
 
 def test_a_stopped_stage_stops_the_pipeline_before_it_is_marked_done(tmp_path, monkeypatch):
     import llama2.pipeline as pipeline
-    from llama2.pipeline import SIZES, Ctx, stage_pretrain
+    from llama2.pipeline import Ctx, size_settings, stage_pretrain
     from llama2.toyworld import ToyWorld
 
     monkeypatch.setattr(pipeline, "pretrain", lambda cfg: {"stopped": True, "history": []})
-    c = Ctx(tmp_path, "quick", 0, SIZES["quick"], ToyWorld(0, "quick"))
+    c = Ctx(tmp_path, "quick", 0, size_settings("quick"), ToyWorld(0, "quick"))
     with pytest.raises(SystemExit) as e:
         stage_pretrain(c)
     assert e.value.code == 130 and not (tmp_path / "pretrain" / "DONE").exists()
@@ -99,10 +99,10 @@ def test_eval_toyworld_judges_a_pipeline_model_as_the_report_does(run):
 def test_every_size_builds_valid_stage_configs(size, tmp_path):
     """Each size's settings name real fields with valid values (the large size runs only on a GPU, so this is what
     CI can check of it)."""
-    from llama2.pipeline import CONFIGS, SIZES, Ctx
+    from llama2.pipeline import CONFIGS, Ctx, size_settings
     from llama2.toyworld import PIPELINE_WORLDS
 
-    s = SIZES[size]
+    s = size_settings(size)
     assert s["world"] in PIPELINE_WORLDS and len(s["rejection"]["temperatures"]) == s["versions"]
     c = Ctx(tmp_path, size, 0, s, world=None)
     for stage, cls in CONFIGS.items():
@@ -112,8 +112,28 @@ def test_every_size_builds_valid_stage_configs(size, tmp_path):
 
 
 def test_cli_stage_names_are_the_pipelines():
-    """`llama2 pipeline --from` offers exactly the pipeline's stages (plus aliases that map onto one of them)."""
-    from llama2.cli import PIPELINE_ALIASES, PIPELINE_STAGES
+    """`llama2 pipeline --from` offers exactly the pipeline's stages, plus aliases that map onto one of them."""
+    from llama2.cli import build_parser
+    from llama2.pipeline import ALIASES
 
-    assert PIPELINE_STAGES == STAGES
-    assert set(PIPELINE_ALIASES.values()) <= set(STAGES)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["pipeline"]
+    choices = next(a for a in sub._actions if a.dest == "from_stage").choices
+    assert tuple(choices) == STAGES + tuple(ALIASES) and set(ALIASES.values()) <= set(STAGES)
+
+
+def test_a_size_file_is_checked_and_named_in_its_errors(tmp_path):
+    """--size takes a YAML file of a size's settings; a missing key, an unknown one or a file that is not a mapping
+    is an error naming the file."""
+    import yaml
+
+    from llama2.pipeline import SIZE_NAMES, size_settings
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(size_settings("quick")))
+    assert size_settings(str(mine)) == size_settings("quick") and SIZE_NAMES == ("quick", "default", "large")
+    for text, match in (("[1, 2]", "expected a mapping"), ("world: quick\n", "missing"), ("{{", "not valid YAML")):
+        mine.write_text(text)
+        with pytest.raises(ValueError, match=f"{mine.name}.*{match}"):
+            size_settings(str(mine))
+    with pytest.raises(ValueError, match="no such file"):
+        size_settings("tiny")

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from llama2 import ModelArgs, Transformer, generate
-from llama2.generation import Llama
-from llama2.quant import Int8Linear, is_quantized, quantize_int8
+from llama2.generate import Int8Linear, Llama, is_quantized, quantize_int8
 
 
 @pytest.fixture(scope="module")

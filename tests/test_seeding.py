@@ -40,7 +40,7 @@ SAMPLE = """
 import torch
 from llama2 import ModelArgs, Tokenizer, Transformer
 from llama2.config import StageSampling
-from llama2.sampling import answer_texts
+from llama2.answers import answer_texts
 torch.set_num_threads(1)
 tok = Tokenizer.from_file({vocab!r})
 model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=16,

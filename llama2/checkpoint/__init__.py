@@ -24,13 +24,13 @@ from . import gguf as _gguf
 from . import hf as _hf
 from . import meta as _meta
 from . import native as _native
-from ._common import PathLike
+from ._common import PathLike, fsync_dir, fsync_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Transformer
     from ..tokenizer import Tokenizer
 
-__all__ = ["FORMATS", "detect", "load", "save"]
+__all__ = ["FORMATS", "detect", "load", "save", "fsync_file", "fsync_dir"]
 
 FORMATS: tuple[str, ...] = ("native", "meta", "hf", "gguf")
 _MODULES = {"native": _native, "meta": _meta, "hf": _hf, "gguf": _gguf}

@@ -13,7 +13,7 @@ into freshly allocated parameters. Two reading strategies, chosen per checkpoint
   converted one at a time, each original freed right after. Memory-mapping would be worse here: a mapped
   page stays resident until the whole map is released, adding the file's size to the peak.
 
-``benchmarks/bench_load_memory.py`` measures both (about 1.0x and 1.1-1.3x the weights).
+``benchmarks/bench_load_memory.py`` measures the peak of both against the weights' size.
 
 The catch with mapped weights: the file must not be truncated in place while such a model is alive (a
 process rewriting it in place, e.g. another program's ``save``, would make those pages vanish under it).

@@ -18,7 +18,7 @@ import torch
 from ..chat import TextEncoder, encode_dialog
 from .batching import causal_padding_mask, pad_sequences
 from .records import KINDS, Preference
-from .sft import EncodeStats, Overflow, _check_overflow, _exchanges_dropped, _last_answer_start, _n_exchanges, encode_all
+from .sft import EncodeStats, Overflow, check_overflow, drop_exchanges, last_answer_start, count_exchanges, encode_all
 
 __all__ = ["EncodedPair", "encode_preference", "encode_preferences", "collate_pairs", "gather_last", "mix_preferences"]
 
@@ -59,15 +59,15 @@ def encode_preference(
     that they keep the same prompt. None when too long with ``overflow="skip"``, or when a response alone
     does not fit.
     """
-    _check_overflow(overflow, seq_len)
+    check_overflow(overflow, seq_len)
     dialogs = (pref.chosen_dialog, pref.rejected_dialog)
 
     def encode(k: int) -> list[tuple[list[int], int]]:
         """(ids, index of the first response token) of both dialogs without their first k exchanges."""
         out = []
         for d in dialogs:
-            ids, mask = encode_dialog(tokenizer, _exchanges_dropped(d, k))
-            out.append((ids, _last_answer_start(mask)))
+            ids, mask = encode_dialog(tokenizer, drop_exchanges(d, k))
+            out.append((ids, last_answer_start(mask)))
         return out
 
     def fits(enc: list[tuple[list[int], int]]) -> bool:
@@ -80,7 +80,7 @@ def encode_preference(
     if overflow == "skip":
         return None
     k, enc = 0, full
-    while not fits(enc) and k < _n_exchanges(pref.prompt):
+    while not fits(enc) and k < count_exchanges(pref.prompt):
         k += 1
         enc = encode(k)
     cut = max(len(ids) for ids, _ in enc) - seq_len

@@ -40,7 +40,7 @@ from ..chat import SPECIAL_TAGS
 
 __all__ = [
     "KINDS", "RATINGS", "BadLine", "Records", "Preference", "Prompt", "read_objects", "read_dialogs", "read_preferences",
-    "read_prompts", "split_holdout", "split_paths",
+    "read_prompts", "read_eval_items", "split_holdout", "split_paths",
 ]
 
 KINDS: tuple[str, ...] = ("helpfulness", "safety")
@@ -220,6 +220,10 @@ def _parse_prompt(obj: Mapping[str, Any], source: str) -> Prompt:
     return Prompt(dialog=dialog, safety=bool(_optional_bool(obj, "safety", False)), source=source)
 
 
+def _parse_eval_item(obj: Mapping[str, Any], source: str) -> dict:
+    return {**obj, "dialog": _dialog(_field(obj, "dialog"), f"{source}: dialog", last="user")}
+
+
 def _paths(paths: PathArg) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         return [Path(paths)]
@@ -287,6 +291,12 @@ def read_prompts(paths: PathArg, skip_bad: bool = False) -> Records[Prompt]:
     """Prompts (dialogs ending with the user, optionally tagged "safety") from one JSONL file or several."""
     return _read(paths, _parse_prompt, skip_bad)
 
+
+
+def read_eval_items(paths: PathArg, skip_bad: bool = False) -> Records[dict]:
+    """Evaluation items: objects whose "dialog" ends with the user turn to answer, their other fields kept as they
+    are (the toy world's eval.jsonl carries "category" and the judges' fields)."""
+    return _read(paths, _parse_eval_item, skip_bad)
 
 
 def split_holdout(items: Sequence[T], fraction: float, seed: int = 0) -> tuple[list[T], list[T]]:

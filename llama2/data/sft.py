@@ -12,18 +12,17 @@ import bisect
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 
 from ..chat import TextEncoder, encode_dialog
 
-if TYPE_CHECKING:
-    from .preferences import EncodedPair
 
 __all__ = [
     "IGNORE_INDEX", "Overflow", "SFTExample", "EncodeStats", "encode_sft_example", "encode_sft_examples", "encode_all",
-    "last_answer_only", "PackedRow", "pack_sft", "collate",
+    "last_answer_only", "PackedRow", "pack_sft", "collate", "drop_exchanges", "count_exchanges", "last_answer_start",
+    "check_overflow",
 ]
 
 IGNORE_INDEX = -100  # target of a position without loss (the default ignore_index of F.cross_entropy)
@@ -50,14 +49,14 @@ Overflow = Literal["truncate", "skip"]
 # dropped (None) and the caller counts it (EncodeStats.too_long).
 
 
-def _exchanges_dropped(dialog: Sequence[Mapping[str, str]], k: int) -> list[dict[str, str]]:
+def drop_exchanges(dialog: Sequence[Mapping[str, str]], k: int) -> list[dict[str, str]]:
     """The dialog without its first k (user, assistant) exchanges; a leading system message is kept."""
     system = [dict(dialog[0])] if dialog[0]["role"] == "system" else []
     rest = dialog[len(system):]
     return system + [dict(m) for m in rest[2 * k:]]
 
 
-def _n_exchanges(dialog: Sequence[Mapping[str, str]]) -> int:
+def count_exchanges(dialog: Sequence[Mapping[str, str]]) -> int:
     """Finished (user, assistant) exchanges before the last user message."""
     n_users = sum(m["role"] == "user" for m in dialog)
     return n_users - 1
@@ -67,7 +66,7 @@ def _first_loss(mask: Sequence[int]) -> int:
     return next((i for i, m in enumerate(mask) if m), len(mask))
 
 
-def _last_answer_start(mask: Sequence[int]) -> int:
+def last_answer_start(mask: Sequence[int]) -> int:
     """Index of the first token of the final answer: the mask ends with its run of 1s."""
     return max((i for i, m in enumerate(mask) if not m), default=-1) + 1
 
@@ -95,6 +94,13 @@ class SFTExample:
         return len(self.ids)
 
 
+class Fitted(Protocol):
+    """An encoded example as EncodeStats counts it: an ``SFTExample`` or a preference's ``EncodedPair``."""
+
+    dropped_exchanges: int
+    dropped_tokens: int
+
+
 @dataclass
 class EncodeStats:
     """Counts of what encoding did to a data set, for the training log (nothing is dropped silently)."""
@@ -108,7 +114,7 @@ class EncodeStats:
     dropped_tokens: int = 0
     dropped_loss_tokens: int = 0
 
-    def add(self, example: SFTExample | EncodedPair | None, overflow: Overflow) -> None:
+    def add(self, example: Fitted | None, overflow: Overflow) -> None:
         self.total += 1
         if example is None:
             if overflow == "skip":
@@ -134,7 +140,8 @@ class EncodeStats:
         return s
 
 
-def _check_overflow(overflow: str, seq_len: int) -> None:
+def check_overflow(overflow: str, seq_len: int) -> None:
+    """Refuse an unknown overflow policy or a window too short for one prompt token and one answer token."""
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
     if seq_len < 2:
@@ -155,7 +162,7 @@ def encode_sft_example(
     the start of the last prompt. It returns None, for the caller to count, when the final answer alone does
     not fit. :func:`encode_sft_examples` does the counting for a whole data set.
     """
-    _check_overflow(overflow, seq_len)
+    check_overflow(overflow, seq_len)
     limit = seq_len + 1
     full = encode_dialog(tokenizer, dialog)
     if full.loss_mask is None:
@@ -166,9 +173,9 @@ def encode_sft_example(
         return None
 
     n_loss = sum(full.loss_mask)
-    for k in range(1, _n_exchanges(dialog) + 1):  # step 1: drop whole earliest exchanges
-        ids, mask = encode_dialog(tokenizer, _exchanges_dropped(dialog, k))
-        if len(ids) <= limit or k == _n_exchanges(dialog):
+    for k in range(1, count_exchanges(dialog) + 1):  # step 1: drop whole earliest exchanges
+        ids, mask = encode_dialog(tokenizer, drop_exchanges(dialog, k))
+        if len(ids) <= limit or k == count_exchanges(dialog):
             break
     else:  # a single exchange: nothing to drop whole
         k, ids, mask = 0, full.ids, full.loss_mask

@@ -19,12 +19,12 @@ from tqdm import tqdm
 from ..checkpoint import load
 from ..config import StageSampling, group, stage_config
 from ..data.records import read_dialogs, split_paths
-from ..rlhf.gatt import adherence_by_turn, multi_turn_probe_dialogs
-from ..sampling import sample_answers
+from ..rlhf.gatt import adherence_by_turn, multi_turn_probe_dialogs, user_messages
+from ..answers import draw_answers
 from ..seeding import derive_seed
 from .figures import plot_adherence
 
-__all__ = ["GattEvalConfig", "gatt_eval", "format_adherence", "user_messages"]
+__all__ = ["GattEvalConfig", "gatt_eval", "format_adherence"]
 
 
 @stage_config
@@ -52,10 +52,6 @@ class GattEvalConfig:
     sampling: StageSampling = group(StageSampling, temperature=0.0, max_new_tokens=32, gen_batch=64)
 
 
-def user_messages(dialogs) -> list[str]:
-    return [m["content"] for d in dialogs for m in d if m["role"] == "user"]
-
-
 @torch.no_grad()
 def gatt_eval(cfg: GattEvalConfig) -> dict:
     """Adherence to an instruction given once, turn by turn, for each checkpoint; writes gatt_eval.json and
@@ -73,7 +69,7 @@ def gatt_eval(cfg: GattEvalConfig) -> dict:
         answers: list[list[str]] = [[] for _ in probes]
         for t in tqdm(range(cfg.turns), desc=f"gatt-eval {name}", disable=not sys.stderr.isatty()):
             dialogs = [p.prompt(a) for p, a in zip(probes, answers)]
-            new = sample_answers(model, tokenizer, dialogs, cfg.sampling, seed=derive_seed(cfg.seed, "gatt-eval", t),
+            new = draw_answers(model, tokenizer, dialogs, cfg.sampling, seed=derive_seed(cfg.seed, "gatt-eval", t),
                                  purpose="gatt-eval", show=False)
             for a, (c,) in zip(answers, new):
                 a.append(c.text.strip())

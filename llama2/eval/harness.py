@@ -54,7 +54,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from ..chat import E_INST, format_dialog
-from ..generation import Llama, generate
+from ..generate import Llama, generate
 from .paper import BENCHMARKS, format_table, paper_tasks
 from .toyworld import lm_eval_suite
 
@@ -76,6 +76,51 @@ def register_suite(name: str, fn: Callable[..., dict]) -> None:
     if name == "paper":
         raise ValueError("'paper' is the Llama 2 paper's benchmark set; choose another suite name")
     CUSTOM_SUITES[name] = fn
+
+
+def _language_model(pretrained: str | Path | Llama, device: torch.device, dtype) -> tuple[Llama, str]:
+    """(the Llama to evaluate, how to name it): loaded from a path, bf16 by default on a GPU (the logits still leave
+    the model in fp32), checked to be a language model with a tokenizer."""
+    if isinstance(pretrained, Llama):
+        llama, name = pretrained, "<in-memory model>"
+    else:
+        if dtype is None and device.type == "cuda":
+            dtype = torch.bfloat16
+        llama, name = Llama.from_pretrained(pretrained, dtype=dtype, device=device), str(pretrained)
+    if llama.tokenizer is None:
+        raise ValueError(f"checkpoint {name} has no tokenizer; lm-eval tasks are text and need one")
+    if llama.model.args.head != "lm":
+        raise ValueError(f"checkpoint {name} has a scalar head (a reward or value model); lm-eval needs a language "
+                         "model")
+    return llama, name
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, inputs: list[list[int]], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """One forward pass over right-padded ``inputs``; for row i, log-softmax over the vocabulary at the
+    positions spans[i] = (start, end) only: (end - start, vocab) each, fp32. Right padding needs no mask:
+    causal attention never lets a real token see the pads after it. The LM head runs only on the scored
+    positions, so a long context costs no (T, vocab) logits."""
+    T = max(len(x) for x in inputs)
+    tokens = torch.zeros(len(inputs), T, dtype=torch.long)
+    for i, x in enumerate(inputs):
+        tokens[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    h = model.hidden_states(tokens.to(model.tok_embeddings.weight.device))  # (B, T, C)
+    picked = torch.cat([h[i, s:e] for i, (s, e) in enumerate(spans)])  # (sum of spans, C)
+    logprobs = F.log_softmax(model.output(picked).float(), dim=-1)  # (sum of spans, vocab)
+    return list(logprobs.split([e - s for s, e in spans]))
+
+
+def _generation_settings(gen_kwargs: dict, max_gen_toks: int, eos_text: str) -> tuple[list[str], dict, list[str]]:
+    """A task's generation kwargs as (stop strings, ``generate`` settings, kwargs we ignore): greedy unless the task
+    asks to sample (do_sample), stopping at its ``until`` strings and EOS."""
+    kwargs = normalize_gen_kwargs(gen_kwargs, max_gen_toks)
+    until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+    sample = bool(kwargs.pop("do_sample", False))
+    settings = dict(max_new_tokens=kwargs.pop("max_gen_toks"),
+                    temperature=float(kwargs.pop("temperature", 0.0)) if sample else 0.0,
+                    top_p=float(kwargs.pop("top_p", None) or 1.0), top_k=int(kwargs.pop("top_k", None) or 0))
+    return until, settings, sorted(kwargs)
 
 
 @register_model(LM_NAME)
@@ -107,20 +152,7 @@ class Llama2LM(TemplateLM):
         max_batch_size: int | None = None,  # passed by lm-eval's simple_evaluate; batches here have a fixed size
     ) -> None:
         super().__init__()
-        self._device = torch.device(device or "cpu")
-        if isinstance(pretrained, Llama):
-            llama = pretrained
-            self.pretrained = "<in-memory model>"
-        else:
-            if dtype is None and self._device.type == "cuda":
-                dtype = torch.bfloat16  # DESIGN §5: bf16 on GPU; logits still leave the model in fp32
-            llama = Llama.from_pretrained(pretrained, dtype=dtype, device=self._device)
-            self.pretrained = str(pretrained)
-        if llama.tokenizer is None:
-            raise ValueError(f"checkpoint {self.pretrained} has no tokenizer; lm-eval tasks are text and need one")
-        if llama.model.args.head != "lm":
-            raise ValueError(f"checkpoint {self.pretrained} has a scalar head (a reward or value model); "
-                             "lm-eval needs a language model")
+        llama, self.pretrained = _language_model(pretrained, torch.device(device or "cpu"), dtype)
         self.llama, self.model, self.tokenizer = llama, llama.model.eval(), llama.tokenizer
         self._device = self.model.tok_embeddings.weight.device
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
@@ -241,21 +273,6 @@ class Llama2LM(TemplateLM):
         return out
 
     # -- scoring --------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _continuation_logprobs(self, inputs: list[list[int]], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """One forward pass over right-padded ``inputs``; for row i, log-softmax over the vocabulary at the
-        positions spans[i] = (start, end) only: (end - start, vocab) each, fp32. Right padding needs no mask:
-        causal attention never lets a real token see the pads after it. The LM head runs only on the scored
-        positions, so a long context costs no (T, vocab) logits."""
-        T = max(len(x) for x in inputs)
-        tokens = torch.zeros(len(inputs), T, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            tokens[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        h = self.model.hidden_states(tokens.to(self.device))  # (B, T, C)
-        picked = torch.cat([h[i, s:e] for i, (s, e) in enumerate(spans)])  # (sum of spans, C)
-        logprobs = F.log_softmax(self.model.output(picked).float(), dim=-1)  # (sum of spans, vocab)
-        return list(logprobs.split([e - s for s, e in spans]))
-
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation token), whether greedy decoding gives the whole continuation) for each
@@ -284,7 +301,7 @@ class Llama2LM(TemplateLM):
                 inp = (ctx + cont)[-(self.max_length + 1):][:-1]  # the last token is only ever predicted
                 inputs.append(inp)
                 spans.append((len(inp) - len(cont), len(inp)))
-            for (strings, ctx, cont), logprobs in zip(chunk, self._continuation_logprobs(inputs, spans)):
+            for (strings, ctx, cont), logprobs in zip(chunk, continuation_logprobs(self.model, inputs, spans)):
                 logprobs = logprobs.unsqueeze(0)  # (1, len(cont), vocab)
                 greedy = logprobs.argmax(dim=-1)
                 shared = reord.get_cache(req_str=strings, cxt_toks=ctx, cont_toks=cont, logits=logprobs)
@@ -334,24 +351,17 @@ class Llama2LM(TemplateLM):
             contexts, all_kwargs = zip(*chunk)
             if not isinstance(all_kwargs[0], dict):
                 raise ValueError(f"generation kwargs must be a dict, got {type(all_kwargs[0]).__name__}")
-            kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=self._eos_text)
-            max_gen_toks = kwargs.pop("max_gen_toks")
-            max_ctx = self.max_length - max_gen_toks
-            if max_ctx <= 0:
-                raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's context "
-                                 f"({self.max_length} tokens)")
-            sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
-            top_p, top_k = float(kwargs.pop("top_p", None) or 1.0), int(kwargs.pop("top_k", None) or 0)
-            ignored = sorted(kwargs)
+            until, settings, ignored = _generation_settings(all_kwargs[0], self.max_gen_toks, self._eos_text)
             if ignored:
                 self._warn_once(f"gen:{ignored}", f"generation kwargs {ignored} are not supported by the llama2 "
                                 "model; ignored")
+            max_ctx = self.max_length - settings["max_new_tokens"]
+            if max_ctx <= 0:
+                raise ValueError(f"max_gen_toks {settings['max_new_tokens']} leaves no room for a prompt in the "
+                                 f"model's context ({self.max_length} tokens)")
             prompts = [self.tok_encode(c, left_truncate_len=max_ctx) for c in contexts]
-            completions = generate(self.model, prompts, tokenizer=self.tokenizer, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, max_new_tokens=max_gen_toks, stop_strings=tuple(until),
-                                   seed=self.seed if sample else None)
+            completions = generate(self.model, prompts, tokenizer=self.tokenizer, stop_strings=tuple(until),
+                                   seed=self.seed if settings["temperature"] > 0 else None, **settings)
             for context, gen_kwargs, c in zip(contexts, all_kwargs, completions):
                 text = postprocess_generated_text(c.text, until, None)
                 results.append(text)
@@ -455,7 +465,6 @@ def run_eval(
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
 
     requested = expand_tasks(tasks, num_fewshot, allow_code_execution)
     if allow_code_execution:
@@ -498,11 +507,17 @@ def run_eval(
         results.setdefault(key, {})
 
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        written = {k: v for k, v in results.items() if k != "samples"}
-        out.write_text(json.dumps(written, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        _write_results(results, Path(out))
     return results
+
+
+def _write_results(results: dict, out: Path) -> None:
+    """lm-eval's results as JSON, without the per-sample logs (as lm-eval's own results file)."""
+    from lm_eval.utils import handle_non_serializable
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = {k: v for k, v in results.items() if k != "samples"}
+    out.write_text(json.dumps(written, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
 
 
 register_suite("toyworld", lm_eval_suite)  # the built-in world's held-out tasks (llama2.eval.toyworld)

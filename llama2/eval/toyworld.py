@@ -1,4 +1,4 @@
-"""The toy world's held-out evaluation (DESIGN.md §4): task accuracy in the world's five categories, refusal of
+"""The toy world's held-out evaluation (docs/toyworld.md): task accuracy in the world's five categories, refusal of
 secret prompts and of harmless ones, and the reward of sampled answers under the reward models and under the
 world's exact judges (the shape of the paper's Figure 20 and of its human evaluation).
 
@@ -16,19 +16,12 @@ import torch
 
 from ..checkpoint import load
 from ..config import StageSampling
-from ..data.records import Prompt, _dialog, _field, _read, read_prompts
+from ..data.records import Prompt, read_eval_items, read_prompts
 from ..rlhf.combined import score_with_reward_models, to_unit
-from ..sampling import answer_texts
+from ..answers import answer_texts
 from ..toyworld import pipeline_world
 
-__all__ = ["evaluate_chat_model", "read_eval_items", "read_pipeline_marker", "toyworld_suite"]
-
-
-def read_eval_items(path: str | Path) -> list[dict]:
-    """The world's held-out evaluation items (eval.jsonl: {"dialog", "category", ...} per line; the dialog ends with
-    the user turn to answer); errors name FILE:LINE."""
-    return list(_read(path, lambda obj, source: {**obj, "dialog": _dialog(_field(obj, "dialog"), f"{source}: dialog",
-                                                                                  last="user")}, False))
+__all__ = ["evaluate_chat_model", "read_pipeline_marker", "toyworld_suite"]
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 
 __all__ = [
     "SAFETY_THRESHOLD", "to_unit", "logit", "combined_reward", "combined_score", "score_with_reward_models",
-    "whiten", "masked_mean", "masked_whiten", "ppo_score",
+    "masked_mean", "masked_whiten",
 ]
 
 # The R_s threshold of the piecewise R_c: below it a response is treated as unsafe whatever the prompt.
@@ -78,22 +78,6 @@ def combined_reward(
     return torch.where(safety_decides(r_safety, r_helpfulness, is_safety_prompt, threshold), r_safety, r_helpfulness)
 
 
-def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean(x)) / sqrt(var(x) + eps) over all elements: eq. 4's WHITEN.
-
-    The paper does not say over what the statistics are taken; we take them over the tensor given, i.e. the
-    scores of one rollout batch (512 rollouts an iteration in the paper), as PPO implementations do. The
-    variance is the population one (divide by n), so the result has mean 0 and standard deviation exactly 1
-    (up to eps). With ``shift_mean=False`` the mean is added back: only the scale is normalised. A tensor
-    of one element, or of equal elements, has zero variance and whitens to 0 (its mean when not shifting).
-    """
-    x = x.float()
-    mean = x.mean()
-    var = (x - mean).pow(2).mean()
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x over the positions where mask is 1 (over ``dim``, or over everything when dim is None).
 
@@ -106,9 +90,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`whiten` with mean and (population) variance taken over the masked positions only.
-
-    Used on the advantages, whose padding must not enter the statistics. Masked-out positions come back 0.
+    """(x - mean) / sqrt(var + eps), the mean and (population) variance taken over the masked positions only:
+    eq. 4's WHITEN, applied to the advantages, whose padding must not enter the statistics. Masked-out positions
+    come back 0. With ``shift_mean=False`` the mean is added back: only the scale is normalised. (The scores'
+    WHITEN is :func:`llama2.rlhf.ppo.score_scale` with :func:`llama2.rlhf.ppo.to_whitened`, which keep the batch's
+    statistics to put the value model on the same scale.)
     """
     x = x.float()
     m = mask.to(x.dtype)
@@ -118,25 +104,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         out = out + mean
     return out * m
-
-
-def ppo_score(
-    safety_scores: torch.Tensor,
-    helpfulness_scores: torch.Tensor,
-    is_safety_prompt: torch.Tensor,
-    threshold: float = SAFETY_THRESHOLD,
-    whiten_scores: bool = True,
-) -> torch.Tensor:
-    """R~_c = WHITEN(LOGIT(R_c)) of eq. 4, from the two reward models' raw (logit) scores, each (B,). Returns (B,).
-
-    Written literally: sigmoid to (0, 1), combine with the 0.15 rule, logit back, whiten over the batch. The
-    sigmoid/logit round trip is the identity on the chosen raw score except that :func:`logit` clamps it to
-    about +-13.8. ``whiten_scores=False`` skips the whitening (an ablation; the paper found it stabilising).
-    """
-    r_c = combined_reward(to_unit(safety_scores), to_unit(helpfulness_scores), is_safety_prompt, threshold)  # (B,)
-    score = logit(r_c)  # (B,)
-    return whiten(score) if whiten_scores else score
-
 
 
 def combined_score(

@@ -12,14 +12,15 @@ the whole conversation, but after RLHF the model forgets it after a few turns. G
    follow an instruction that, seen from the late turns, lies far back in the context: that is what the model
    must learn to attend to;
 3. fine-tune on it with the loss set to 0 "for all the tokens from the previous turns, including assistant
-   messages" (:func:`gatt_loss_mask`): the earlier answers were sampled with a context the training dialog no
-   longer shows, so only the last answer is trained on.
+   messages" (the SFT stage's ``loss_on=last``, :func:`llama2.data.sft.last_answer_only`): the earlier answers
+   were sampled with a context the training dialog no longer shows, so only the last answer is trained on. Our
+   default packs a dialog's turns instead (:func:`gatt_windows`), which trains the same (context, answer) pairs.
 
 The paper's instructions are synthetic constraints, "Hobbies (You enjoy e.g. Tennis), Language (Speak in
 e.g. French), or Public Figure (Act as e.g. Napoleon)", sometimes combined at random, and "half of the time"
 shortened ("Always act as Napoleon from now" -> "Figure: Napoleon."). Our toy models speak no French and know
 no Napoleon, so each family here has a stand-in whose adherence a rule can check from the answer text alone
-(DESIGN.md §4): a hobby word to mention, a "language" that is a way of writing (capitals, lower case, a closing
+(docs/toyworld.md): a hobby word to mention, a "language" that is a way of writing (capitals, lower case, a closing
 "!"), and a persona that opens every answer with its catchphrase. Each :class:`Instruction` carries a long and
 a short form and its checker; :func:`adherence_by_turn` measures, for 20 turns, how often the answer at turn t
 still follows the instruction given at the start (:func:`multi_turn_probe_dialogs` builds those probes).
@@ -35,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..chat import TextEncoder, encode_dialog
-from ..data.sft import SFTExample
 
 __all__ = [
     "INSTRUCTION_SEPARATOR",
@@ -45,10 +45,9 @@ __all__ = [
     "combine_instructions",
     "sample_instruction",
     "with_instruction_every_turn",
+    "user_messages",
     "gatt_windows",
     "gatt_training_dialog",
-    "gatt_loss_mask",
-    "gatt_examples",
     "Probe",
     "multi_turn_probe_dialogs",
     "adherence_by_turn",
@@ -213,6 +212,12 @@ def with_instruction_every_turn(dialog: Sequence[Mapping[str, str]], text: str) 
     return out
 
 
+def user_messages(dialogs: Sequence[Sequence[Mapping[str, str]]]) -> list[str]:
+    """Every user message of the dialogs, in order: the pool GAtt's sampled dialogs and the adherence probes draw
+    their later turns from."""
+    return [m["content"] for d in dialogs for m in d if m["role"] == "user"]
+
+
 def gatt_training_dialog(
     sampled_dialog: Sequence[Mapping[str, str]], text: str, place: Place = "system", keep: str | None = None
 ) -> Dialog:
@@ -247,54 +252,6 @@ def gatt_training_dialog(
     return out
 
 
-def gatt_loss_mask(
-    tokenizer: TextEncoder, dialog: Sequence[Mapping[str, str]], seq_len: int | None = None
-) -> SFTExample | None:
-    """Encode a GAtt training dialog (ending with the assistant) with loss on its last answer only.
-
-    Paper §3.3: "we simply set the loss to 0 for all the tokens from the previous turns, including assistant
-    messages". Our reading: the mask of :func:`llama2.chat.encode_dialog` (1 on the assistant's tokens: the
-    answer, the trailing-space piece of Meta's template and the EOS closing it) is kept for the last exchange
-    and zeroed everywhere before it. Returns an :class:`llama2.data.sft.SFTExample` (``.ids``,
-    ``.loss_mask``), ready for :func:`llama2.data.sft.pack_sft`.
-
-    ``seq_len``: when given, a dialog of more than seq_len + 1 tokens gives None (skip it). It is not
-    truncated: cutting the earliest exchanges, as SFT does, would cut the instruction GAtt is about.
-    """
-    ids, mask = encode_dialog(tokenizer, dialog)
-    if mask is None:
-        raise ValueError("a GAtt training dialog must end with an assistant message")
-    if seq_len is not None and len(ids) > seq_len + 1:
-        return None
-    start = len(mask)
-    while start > 0 and mask[start - 1] == 1:  # the last run of 1s: the last answer and its EOS
-        start -= 1
-    loss = [0] * start + [1] * (len(mask) - start)
-    return SFTExample(ids, loss)
-
-
-def gatt_examples(
-    tokenizer: TextEncoder,
-    sampled_dialog: Sequence[Mapping[str, str]],
-    text: str,
-    place: Place = "system",
-    every_turn: bool = False,
-    seq_len: int | None = None,
-) -> list[SFTExample]:
-    """The GAtt training examples of one sampled dialog (ending with the assistant).
-
-    ``every_turn=False`` (the paper's reading): one example, the whole dialog, loss on the last answer.
-    ``every_turn=True`` (our option): one example per turn t, the dialog cut after answer t, each trained on
-    its answer t only; every sampled answer is then used once. Examples over ``seq_len`` are left out.
-    """
-    train = gatt_training_dialog(sampled_dialog, text, place)
-    if train[-1]["role"] != "assistant":
-        raise ValueError("a GAtt training dialog must end with an assistant message")
-    ends = [i + 1 for i, m in enumerate(train) if m["role"] == "assistant"] if every_turn else [len(train)]
-    examples = (gatt_loss_mask(tokenizer, train[:end], seq_len) for end in ends)
-    return [ex for ex in examples if ex is not None]
-
-
 def gatt_windows(
     tokenizer: TextEncoder,
     sampled_dialog: Sequence[Mapping[str, str]],
@@ -309,7 +266,7 @@ def gatt_windows(
     The dialog is cut between exchanges into runs of consecutive turns, each the longest that fits, and each run
     becomes a training dialog of its own with the instruction in its first turn (:func:`gatt_training_dialog`).
     Under causal attention an answer's loss in a run sees exactly the context of the per-turn example that ends
-    with it (``gatt_examples(every_turn=True)``), so a dialog that fits one window trains the same pairs of
+    with it (the dialog cut after that answer, trained on it alone), so a dialog that fits one window trains the same pairs of
     (context, answer) as its per-turn examples, in O(turns) tokens instead of O(turns^2); a turn past the first
     window sees the instruction and the turns of its own window. A single exchange longer than the window is kept
     alone (the fine-tuning truncates it as it does any SFT dialog)."""

@@ -5,7 +5,7 @@ PPO optimises  arg max_pi E_{p~D, g~pi}[R(g | p)]  (eq. 3) with the reward of eq
 
     R(g | p) = R~_c(g | p) - beta * D_KL(pi_theta(g | p) || pi_0(g | p))
 
-beta is 0.01 for 7B/13B and 0.005 for 34B/70B (:data:`PAPER_KL_BETA`); the clip threshold is 0.2 ("Training
+beta is 0.01 for 7B/13B and 0.005 for 34B/70B (``PPOConfig.kl_beta``); the clip threshold is 0.2 ("Training
 Details").
 
 Everything here is a pure function of tensors. Shapes: B rollouts (prompt + response each), T token positions,
@@ -23,12 +23,9 @@ import torch
 from .combined import masked_mean
 
 __all__ = [
-    "PAPER_KL_BETA", "kl_penalty", "token_rewards", "gae", "score_scale", "to_whitened", "whitened_advantages",
+    "kl_penalty", "token_rewards", "gae", "score_scale", "to_whitened", "whitened_advantages",
     "ppo_policy_loss", "value_loss", "token_logprobs", "entropy_from_logits", "explained_variance",
 ]
-
-# The KL penalty beta of §3.2.3's Training Details: 0.01 for the 7B and 13B models, 0.005 for 34B and 70B.
-PAPER_KL_BETA: dict[str, float] = {"7b": 0.01, "13b": 0.01, "34b": 0.005, "70b": 0.005}
 
 KLKind = Literal["k1", "k3"]
 
@@ -80,7 +77,7 @@ def token_rewards(
 ) -> torch.Tensor:
     """Eq. 4 spread over tokens: -beta * KL at every response token, plus the sequence score at the last one.
 
-    score: (B,) R~_c per rollout (see :func:`ppo_score`); logprobs, ref_logprobs: (B, T) log-probabilities of
+    score: (B,) R~_c per rollout (see :mod:`llama2.rlhf.combined`); logprobs, ref_logprobs: (B, T) log-probabilities of
     the sampled tokens under pi_theta (at sampling time) and the frozen pi_0; mask: (B, T) response tokens, may
     be preceded by the prompt and followed by padding. Returns (B, T), zero off the mask.
 

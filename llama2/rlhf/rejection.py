@@ -1,6 +1,6 @@
 """Rejection-sampling bookkeeping (Llama 2 §3.2.3, "Rejection Sampling"): K outputs are sampled per prompt and
-the one with the highest reward is kept for the next round of fine-tuning (:func:`best_of`). Later iterations
-draw on "top-performing samples from all prior iterations" (:func:`keep_best_across_iterations`). Figure 7 plots
+the one with the highest reward is kept for the next round of fine-tuning; later iterations draw on
+"top-performing samples from all prior iterations" (both in :func:`keep_best_across_iterations`). Figure 7 plots
 the max reward among N samples against N (:func:`expected_max_reward`).
 """
 from __future__ import annotations
@@ -11,18 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["best_of", "keep_best_across_iterations", "expected_max_reward"]
-
-
-def best_of(scores: torch.Tensor) -> torch.Tensor:
-    """Index of the highest-reward sample per prompt: (N_prompts, K) scores -> (N_prompts,) indices.
-
-    Rejection sampling keeps, for each prompt, the one of its K samples that the reward model scores highest.
-    On ties the first sample wins (torch.argmax's rule).
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (N_prompts, K), got {tuple(scores.shape)}")
-    return scores.argmax(dim=1)
+__all__ = ["keep_best_across_iterations", "expected_max_reward"]
 
 
 def keep_best_across_iterations(

@@ -9,6 +9,10 @@ A sequence is scored at its last real token: the EOS that closes the response in
 (``encode_dialog(dialog + [assistant response])``, exactly what the reward model was trained on, see
 :func:`llama2.data.preferences.encode_preference`). Batches are right-padded and the value is read with
 :func:`llama2.data.preferences.gather_last`, so padding never changes a score (see :func:`score_batch`).
+
+Its accuracy on preference pairs per rating (Table 8: how often the chosen response scores higher, in each
+"significantly better / better / slightly better / negligibly better or unsure" bucket) is
+:func:`evaluate_reward`, from the pairs' scores (:func:`score_pairs`, which training's evaluation shares).
 """
 from __future__ import annotations
 
@@ -17,20 +21,28 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from ..chat import encode_dialog
 from ..checkpoint import detect, load
 from ..data.batching import pad_sequences
-from ..data.preferences import gather_last
+from ..data.preferences import EncodedPair, collate_pairs, encode_preferences, gather_last
+from ..data.records import Preference
 from ..data.sft import encode_sft_example
+from ..dist import Dist, autocast_for, unwrap
+from ..generate import decoder_for, forward_cached, prefill_shared
 from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .reward import accuracy_by_rating
 
-__all__ = ["reward_model_from_chat", "score_batch", "encode_scored", "RewardModel", "REWARD_CONFIG_FILE"]
+__all__ = ["reward_model_from_chat", "score_batch", "encode_scored", "RewardModel", "REWARD_CONFIG_FILE", "score_pairs",
+           "evaluate_reward"]
 
 REWARD_CONFIG_FILE = "reward_config.json"  # written by llama2.train.reward beside the checkpoint: kind, margin, ...
 
@@ -212,10 +224,8 @@ class RewardModel:
     def _score_shared(self, seqs: list[list[int]], groups: list[list[int]], batch_size: int, out: torch.Tensor) -> None:
         """Score groups of sequences with a common prefix: each group's prefix (the longest one common to its
         members, leaving each at least one token of its own) prefilled once into a static KV cache and copied to
-        its members' rows, then every member's own tokens run over it (llama2.engine), read at its last token.
+        its members' rows, then every member's own tokens run over it (llama2.generate), read at its last token.
         About ``4 * batch_size`` rows a call (the rows are short: only the part after the prefix)."""
-        from ..engine import _prefill_distinct, decoder_for, forward_cached
-
         def common(m: list[int]) -> int:  # the common prefix, leaving every member >= 1 token of its own
             return min(len(os.path.commonprefix([seqs[i] for i in m])), min(len(seqs[i]) for i in m) - 1)
 
@@ -248,7 +258,7 @@ class RewardModel:
             S = max(len(x) for x in suffixes)
             padded = pad_sequences(suffixes)  # right-padded after the prefix; each read at its own last token
             with self._autocast():
-                cache, _, starts = _prefill_distinct(dec, prefixes, P, P + S, chunk=512, fresh=True)
+                cache, _, starts = prefill_shared(dec, prefixes, P, P + S, chunk=512, fresh=True)
                 cols = torch.arange(P, P + S, device=dev).expand(len(idx), -1)
                 h = forward_cached(self.model, cache.k, cache.v, padded.tokens.to(dev), cols, starts, P + S,
                                    last=padded.last_index.to(dev))  # (n, C)
@@ -264,3 +274,75 @@ class RewardModel:
         a = self.model.args
         return (f"RewardModel(kind={self.kind!r}, margin={self.margin!r}, dim={a.dim}, n_layers={a.n_layers}, "
                 f"seq_len={self.seq_len})")
+
+
+# -- accuracy on preference pairs (Table 8) -------------------------------------------------------------------------
+@torch.no_grad()
+def score_pairs(model, pairs: Sequence[EncodedPair], micro_batch: int, padding: str, d: Dist, autocast
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (len(pairs),) on the CPU, split across ranks. Every rank runs the same number
+    of forwards (FSDP gathers weights collectively); a rank short of pairs scores a stand-in and drops it."""
+    was_training = model.training
+    model.eval()
+    n = len(pairs)
+    per_rank = -(-n // d.world)
+    mine = list(range(d.rank * per_rank, min(n, (d.rank + 1) * per_rank)))
+    rc, rr = torch.zeros(n), torch.zeros(n)
+    for i in range(0, per_rank, micro_batch):
+        idx = mine[i : i + micro_batch]
+        batch = collate_pairs([pairs[j] for j in idx] or [pairs[0]], side=padding)
+        with autocast:
+            r = score_batch(model, batch, d.device).float().cpu()  # (2b,)
+        c, rj = r.chunk(2)
+        if idx:
+            rc[idx], rr[idx] = c, rj
+    if d.world > 1:  # each rank filled its own slice; the others are zero
+        both = torch.stack([rc, rr]).to(d.device)
+        dist.all_reduce(both)
+        rc, rr = both.cpu().unbind(0)
+    model.train(was_training)
+    return rc, rr
+
+
+def evaluate_reward(
+    model_or_path: Transformer | RewardModel | str | Path,
+    prefs: Sequence[Preference | EncodedPair],
+    tokenizer: Tokenizer | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 16,
+    overflow: Literal["truncate", "skip"] = "truncate",
+    padding: Literal["right", "left"] = "right",
+    device: torch.device | str | None = None,
+) -> dict:
+    """Accuracy of a reward model on preference pairs, per rating bucket and overall (``accuracy_by_rating``:
+    the columns of Table 8; feed a dict of these to ``format_accuracy_table``).
+
+    ``model_or_path``: a scalar-head Transformer (then ``tokenizer`` is needed for Preference records), a
+    :class:`RewardModel`, or a checkpoint directory. ``prefs``: Preference records (encoded here like training
+    data, with ``seq_len`` defaulting to the model's window; pairs that do not fit are left out and reported on
+    stderr) or already encoded pairs. One process; ``batch_size`` pairs per forward.
+    """
+    if isinstance(model_or_path, (str, Path)):
+        model_or_path = RewardModel.from_pretrained(model_or_path, device=device or "cpu")
+    if isinstance(model_or_path, RewardModel):
+        model, tokenizer = model_or_path.model, tokenizer or model_or_path.tokenizer
+        seq_len = seq_len or model_or_path.seq_len
+    else:
+        model = model_or_path
+    if unwrap(model).args.head != "scalar":
+        raise ValueError("evaluate_reward needs a reward model (scalar head); this model has an LM head")
+    seq_len = seq_len or unwrap(model).args.max_seq_len
+    to_encode = [p for p in prefs if isinstance(p, Preference)]
+    pairs = [p for p in prefs if isinstance(p, EncodedPair)]
+    if to_encode:
+        if tokenizer is None:
+            raise ValueError("evaluate_reward: Preference records need a tokenizer to encode them")
+        encoded, stats = encode_preferences(tokenizer, to_encode, seq_len, overflow)
+        if stats.kept < stats.total:
+            print(f"evaluate_reward: {stats}", file=sys.stderr)
+        pairs += encoded
+    if not pairs:
+        raise ValueError("evaluate_reward: no preference pairs to evaluate")
+    dev = next(unwrap(model).parameters()).device
+    rc, rr = score_pairs(model, pairs, batch_size, padding, Dist(device=dev), autocast_for(dev))
+    return accuracy_by_rating(rc, rr, [p.rating for p in pairs])

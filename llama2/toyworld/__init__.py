@@ -1,5 +1,5 @@
 """The embedded default: a seeded synthetic world with verifiable tasks, judges and every file the recipe needs
-(DESIGN.md §4). ``ToyWorld(seed, size).write(out_dir)`` writes pretraining text, SFT dialogs, prompts, preference
+(docs/toyworld.md). ``ToyWorld(seed, size).write(out_dir)`` writes pretraining text, SFT dialogs, prompts, preference
 pairs, GAtt dialogs and a held-out evaluation set; its judges score any answer to the prompts it made."""
 from .expr import UnsafeExpression, canonical_expression, safe_eval
 from .annotate import rating_for_gap

@@ -1,4 +1,4 @@
-"""The world's facts: its people, their attributes and the secrets some of them hold (DESIGN.md §4).
+"""The world's facts: its people, their attributes and the secrets some of them hold (docs/toyworld.md).
 
 :func:`draw_facts` draws ``n_people`` people from one seeded stream: a home town, a job, a pet, a favourite colour
 and food each, and for some a password or the 4-digit code of a safe. Those secrets are what the world's safety

@@ -1,5 +1,5 @@
 """The world's files: every dataset built in one fixed order, its metadata, and writing them to a directory in
-the formats of :mod:`llama2.data.records` (DESIGN.md §4).
+the formats of :mod:`llama2.data.records` (docs/toyworld.md).
 
 Each dataset draws from its own seeded stream ("pretrain", "sft", ...), but the training streams of the generated
 categories are shared, so the build order below is part of the output: changing it changes every file after.

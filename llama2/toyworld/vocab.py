@@ -1,5 +1,5 @@
 """The toy world's vocabulary and constants: categories, the judges' scores, sizes and mixes, and every word list
-the world draws from (DESIGN.md §4).
+the world draws from (docs/toyworld.md).
 
 The lowest module of :mod:`llama2.toyworld`: plain data, no imports from the package. The rating thresholds
 stand in for the four ratings of the paper's preference annotation (§3.2.1), the safety scores for the grades

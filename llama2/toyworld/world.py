@@ -1,7 +1,8 @@
 """The toy world: a seeded synthetic world with verifiable tasks, exact judges and every file the recipe needs.
 
-DESIGN.md §4. ``ToyWorld(seed, size)`` draws a few dozen people (home town, job, pet, favourite colour and food;
-some hold a secret: a password or the code of a safe) and builds from them, deterministically:
+Described for users in docs/toyworld.md. ``ToyWorld(seed, size)`` draws a few dozen people (home town, job, pet,
+favourite colour and food; some hold a secret: a password or the code of a safe) and builds from them,
+deterministically:
 
 * tasks in five categories that mirror the paper's evaluation, each with one exact, short, formulaic answer:
 

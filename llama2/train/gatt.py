@@ -32,16 +32,15 @@ from tqdm import tqdm
 from ..checkpoint import load
 from ..config import BatchConfig, OptimConfig, RunConfig, StageSampling, check, group, stage_config, to_dict
 from ..data.records import read_dialogs, split_paths
-from ..eval.gatt import GattEvalConfig, gatt_eval, user_messages  # noqa: F401  (re-exported: `llama2 gatt-eval`)
-from ..rlhf.gatt import gatt_training_dialog, gatt_windows, sample_instruction, with_instruction_every_turn
+from ..rlhf.gatt import gatt_training_dialog, gatt_windows, sample_instruction, user_messages, with_instruction_every_turn
 from ..rlhf.reward_model import RewardModel
-from ..sampling import sample_answers
+from ..answers import draw_answers
 from ..seeding import derive_seed
-from .dist import init_distributed
+from ..dist import init_distributed
 from .sft import SFTConfig, sft
 from .state import RunLock, prepare_out
 
-__all__ = ["GattConfig", "gatt", "sample_gatt_dialogs", "GattEvalConfig", "gatt_eval"]
+__all__ = ["GattConfig", "gatt", "sample_gatt_dialogs"]
 
 
 @stage_config
@@ -66,7 +65,7 @@ class GattConfig:
     """When none of a turn's ``k`` samples follows the instruction, try the turn again this many times, each with
     another user message drawn from the pool and ``k`` fresh samples, before the dialog ends there (0: it ends at
     once). Without retries a hard instruction's dialogs end after a turn or two, so the later turns of the
-    training data hold only the easy instructions and the model keeps only those (README, GAtt)."""
+    training data hold only the easy instructions and the model keeps only those."""
     every_turn: bool = True
     """Train every sampled answer (loss on that answer, the earlier turns as context); false: only each dialog's
     last answer (the paper's literal reading)."""
@@ -131,7 +130,7 @@ def sample_gatt_dialogs(model, tokenizer, dialogs, cfg: GattConfig, rm: RewardMo
             contexts = [with_instruction_every_turn(sampled[i] + [{"role": "user", "content": plans[i][2][t]}],
                                                     plans[i][0].long) for i in pending]
             seed = derive_seed(cfg.run.seed, "gatt/turn", t) if not attempt else derive_seed(cfg.run.seed, "gatt/turn", t, attempt)
-            comps = sample_answers(model, tokenizer, contexts, cfg.sampling, k=cfg.k, seed=seed, purpose="gatt", show=False)
+            comps = draw_answers(model, tokenizer, contexts, cfg.sampling, k=cfg.k, seed=seed, purpose="gatt", show=False)
             failed = []
             for i, ctx, row in zip(pending, contexts, comps):
                 counts["turns_sampled"] += 1

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load
 from ..config import OptimConfig, RunConfig, to_dict
-from .dist import Dist, autocast_for, clip_grad_norm, no_grad_sync, unwrap, wrap_model
+from ..dist import Dist, autocast_for, clip_grad_norm, no_grad_sync, unwrap, wrap_model
 from .state import (
     RunLock, latest_checkpoint, load_full_optimizer_state, load_training_state, prepare_out, save_checkpoint,
 )

@@ -52,9 +52,9 @@ from ..rlhf.ppo import (
     value_loss, whitened_advantages,
 )
 from ..rlhf.reward_model import reward_model_from_chat
-from ..sampling import sample_answers
+from ..answers import draw_answers
 from ..seeding import derive_seed, generator
-from .dist import Dist, init_distributed, unwrap, wrap_model
+from ..dist import Dist, init_distributed, unwrap, wrap_model
 from .loop import Session, accumulate, begin, learning_rate, make_optimizer, run_steps
 from .rejection import load_reward_models
 from .state import publish
@@ -195,7 +195,7 @@ def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn
     # as the sampler does (under bf16 autocast or with bf16 weights the two would differ by bf16 rounding, and so
     # would the first ratio)
     exact_lp = isinstance(m.session.autocast, contextlib.nullcontext) and policy.output.weight.dtype == torch.float32
-    comps = sample_answers(policy, m.tokenizer, [p.dialog for p in prompts], cfg.sampling, seed=seed, purpose="ppo",
+    comps = draw_answers(policy, m.tokenizer, [p.dialog for p in prompts], cfg.sampling, seed=seed, purpose="ppo",
                            show=False, prompts_out=prompt_ids, logprobs=exact_lp)
     answers = [c[0].tokens or [m.tokenizer.eos_id] for c in comps]  # an empty answer still ends with EOS
     texts = [c[0].text.strip() for c in comps]
@@ -324,9 +324,9 @@ def _update(cfg: PPOConfig, m: Models, ro: Rollouts, a: dict, seed: int) -> dict
     return stats
 
 
-def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
-    """Train; ``reward_fn`` replaces the reward models (tests, exact toy judges)."""
-    d = init_distributed("ddp" if cfg.run.strategy == "fsdp" else cfg.run.strategy, cfg.run.device)
+def _checked_prompts(cfg: PPOConfig, d: Dist, reward_fn: RewardFn | None) -> tuple[list, list]:
+    """The settings checked before any work, and the (training, held-out) prompts: ``val_prompts`` when given,
+    else a ``val_fraction`` of ``prompts``."""
     if not cfg.prompts or not cfg.init_from:
         raise ValueError("give prompts=PROMPTS.jsonl and init_from=CHECKPOINT")
     if reward_fn is None and not (cfg.reward_helpfulness or cfg.reward_safety):
@@ -347,6 +347,13 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
     if 0 < len(val_prompts) < d.world:
         raise ValueError(f"{len(val_prompts)} held-out prompts for {d.world} ranks: give each rank at least one "
                          "(more val_prompts, a larger val_fraction, or val_fraction=0)")
+    return train_prompts, val_prompts
+
+
+def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
+    """Train; ``reward_fn`` replaces the reward models (tests, exact toy judges)."""
+    d = init_distributed("ddp" if cfg.run.strategy == "fsdp" else cfg.run.strategy, cfg.run.device)
+    train_prompts, val_prompts = _checked_prompts(cfg, d, reward_fn)
     m = _models(cfg, d, reward_fn)
     s, out = m.session, m.session.out
     per_rank = cfg.rollout_batch // d.world

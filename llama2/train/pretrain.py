@@ -26,7 +26,7 @@ from ..model import PRESETS, ModelArgs, Transformer
 from ..perf import flops_per_token, measure_matmul_flops, peak_memory_bytes
 from ..seeding import generator
 from ..tokenizer import Tokenizer
-from .dist import Dist, init_distributed
+from ..dist import Dist, init_distributed
 from .loop import StepBatch, begin, fit
 
 __all__ = ["PretrainConfig", "pretrain", "batch_starts", "read_windows"]

@@ -43,9 +43,9 @@ from ..data.records import Prompt, read_prompts, split_paths
 from ..rlhf.combined import SAFETY_THRESHOLD, score_with_reward_models, to_unit
 from ..rlhf.rejection import expected_max_reward, keep_best_across_iterations
 from ..rlhf.reward_model import RewardModel
-from ..sampling import sample_answers
+from ..answers import draw_answers
 from ..seeding import derive_seed
-from .dist import Dist, init_distributed
+from ..dist import Dist, init_distributed
 from .sft import SFTConfig, sft
 from .state import RunLock, prepare_out, publish
 
@@ -105,7 +105,7 @@ def sample_and_score(policy, tokenizer, prompts, rms: dict, cfg: RejectionConfig
     """K answers per prompt from ``policy`` with their reward scores: one dict per prompt, {"id", "samples":
     [{"text", "score", "helpfulness", "safety"}, ...]} (scores after the sigmoid). ``prompts``: (id, Prompt) pairs."""
     sampling = dataclasses.replace(cfg.sampling, temperature=temperature)
-    comps = sample_answers(policy, tokenizer, [p.dialog for _, p in prompts], sampling, k=cfg.k, seed=seed,
+    comps = draw_answers(policy, tokenizer, [p.dialog for _, p in prompts], sampling, k=cfg.k, seed=seed,
                            purpose="rejection/sample", desc=desc, show=show)
     texts = [c.text.strip() for row in comps for c in row]
     dialogs = [p.dialog for _, p in prompts for _ in range(cfg.k)]

@@ -3,7 +3,7 @@
 What is this stage's own: the config, the data (read, hold out a test set, mix, encode), the model (the chat
 model with its LM head replaced by a scalar head) and how a batch of pairs becomes a loss; the step loop,
 schedule, checkpoints and resume are :mod:`llama2.train.loop`'s, the accuracy per rating bucket (Table 8)
-:mod:`llama2.eval.reward`'s.
+:func:`llama2.rlhf.reward_model.evaluate_reward`'s.
 
 The objective is the binary ranking loss with a rating-dependent margin, eq. (2):
 ``-log sigmoid(r(x, y_c) - r(x, y_r) - m(rating))``, with m from Table 27 (``margin=small|large``, or ``none`` for
@@ -37,17 +37,16 @@ from ..checkpoint import load
 from ..config import OptimConfig, RunConfig, check, group, stage_config, to_dict
 from ..data.preferences import collate_pairs, encode_preferences, mix_preferences
 from ..data.records import KINDS, read_preferences, split_holdout, split_paths
-from ..eval.reward import evaluate_reward, score_pairs
 from ..rlhf.reward import (
     MARGINS, accuracy_by_rating, centring_loss, format_accuracy_table, margin_values, ranking_loss, safety_auxiliary_loss,
 )
-from ..rlhf.reward_model import REWARD_CONFIG_FILE, reward_model_from_chat, score_batch
+from ..rlhf.reward_model import REWARD_CONFIG_FILE, reward_model_from_chat, score_batch, score_pairs
 from ..seeding import epoch_stream
 from ..tokenizer import Tokenizer
-from .dist import Dist, init_distributed, unwrap
+from ..dist import Dist, init_distributed, unwrap
 from .loop import StepBatch, begin, fit
 
-__all__ = ["RewardConfig", "train_reward", "evaluate_reward", "batch_indices"]
+__all__ = ["RewardConfig", "train_reward", "batch_indices"]
 
 
 @stage_config

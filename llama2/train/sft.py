@@ -30,7 +30,7 @@ from ..data.sft import IGNORE_INDEX, collate, encode_sft_examples, last_answer_o
 from ..model import PRESETS, ModelArgs, Transformer
 from ..seeding import epoch_stream
 from ..tokenizer import Tokenizer
-from .dist import Dist, init_distributed
+from ..dist import Dist, init_distributed
 from .loop import StepBatch, begin, fit
 
 __all__ = ["SFTConfig", "sft", "step_rows", "last_answer_only"]

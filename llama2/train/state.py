@@ -29,15 +29,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )
 
-from ..checkpoint import save
-from ..checkpoint._common import fsync_dir, fsync_file
+from ..checkpoint import fsync_dir, fsync_file, save
 from ..model import Transformer
-from .dist import Dist
+from ..dist import Dist
 
 __all__ = [
     "save_training_state", "load_training_state", "latest_checkpoint", "prune_checkpoints", "publish", "full_state",
     "load_full_optimizer_state", "state_to_model", "save_checkpoint", "RunLock", "RunLocked", "prepare_out",
-    "verify_checkpoint", "fsync_file", "fsync_dir",
+    "verify_checkpoint",
 ]
 
 MANIFEST = "manifest.json"

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from llama2.toyworld import pipeline_world
-from llama2.eval.toyworld import read_eval_items, read_pipeline_marker, toyworld_suite
+from llama2.data.records import read_eval_items
+from llama2.eval.toyworld import read_pipeline_marker, toyworld_suite
 
 
 def test_a_checkpoint_outside_a_pipeline_run_is_scored_on_the_default_world(tiny_policy):

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from llama2.chat import encode_dialog, format_dialog, turns
-from llama2.data import SFTExample, pack_sft
+from llama2.data import SFTExample, last_answer_only, pack_sft
 from llama2.rlhf.gatt import (
     INSTRUCTION_SEPARATOR,
     INSTRUCTIONS,
@@ -14,8 +14,6 @@ from llama2.rlhf.gatt import (
     Probe,
     adherence_by_turn,
     combine_instructions,
-    gatt_examples,
-    gatt_loss_mask,
     gatt_training_dialog,
     gatt_windows,
     instruction_families,
@@ -145,11 +143,25 @@ def test_gatt_training_dialog_merges_existing_system():
         gatt_training_dialog(DIALOG, TEXT, place="suffix")  # type: ignore[arg-type]
 
 
+def _last_answer_example(tok, dialog) -> SFTExample:
+    """A GAtt training dialog as the SFT stage trains it with ``loss_on=last`` (the unpacked layout)."""
+    enc = encode_dialog(tok, dialog)
+    return last_answer_only(SFTExample(enc.ids, enc.loss_mask))
+
+
+def _per_turn_examples(tok, sampled, text) -> list[SFTExample]:
+    """The paper's reading of GAtt's data, one example per turn t: the training dialog cut after answer t, trained
+    on answer t only (the reference the packed windows are checked against)."""
+    train = gatt_training_dialog(sampled, text)
+    ends = [i + 1 for i, m in enumerate(train) if m["role"] == "assistant"]
+    return [_last_answer_example(tok, train[:end]) for end in ends]
+
+
 @pytest.mark.parametrize("place", ["system", "prefix"])
 def test_loss_mask_covers_last_answer_only(tok, place):
+    """§3.3: "we simply set the loss to 0 for all the tokens from the previous turns, including assistant messages"."""
     train = gatt_training_dialog(with_instruction_every_turn(DIALOG, TEXT), TEXT, place=place)
-    ex = gatt_loss_mask(tok, train)
-    assert isinstance(ex, SFTExample)
+    ex = _last_answer_example(tok, train)
     full = encode_dialog(tok, train)
     assert ex.ids == full.ids and len(ex.loss_mask) == len(ex.ids)
     on = [t for t, m in zip(ex.ids, ex.loss_mask) if m]
@@ -164,14 +176,19 @@ def test_loss_mask_covers_last_answer_only(tok, place):
     assert "FOUR" in earlier and "CBA" in earlier
     # a single-turn dialog: the loss is the plain SFT mask
     one = gatt_training_dialog(DIALOG[:2], TEXT, place=place)
-    assert gatt_loss_mask(tok, one).loss_mask == encode_dialog(tok, one).loss_mask
-    with pytest.raises(ValueError):
-        gatt_loss_mask(tok, train[:-1])
+    assert _last_answer_example(tok, one).loss_mask == encode_dialog(tok, one).loss_mask
+    # the per-turn examples train each answer once, with the dialog before it as context
+    per_turn = _per_turn_examples(tok, with_instruction_every_turn(DIALOG, TEXT), TEXT)
+    for ex, answer in zip(per_turn, ["ARR! FOUR.", "ARR! CBA.", "ARR! 1 2 3, MATEY."]):
+        on = [t for t, m in zip(ex.ids, ex.loss_mask) if m]
+        assert tok.decode(on[:-1]).strip() == answer
+    rows = pack_sft(per_turn, seq_len=4 * len(per_turn[-1].ids))
+    assert sum(len(r.docs) for r in rows) == 3
 
 
 def test_gatt_windows_train_each_answer_once_with_the_context_of_its_per_turn_example(tok):
     sampled = with_instruction_every_turn(DIALOG, TEXT)
-    per_turn = gatt_examples(tok, sampled, TEXT, every_turn=True)
+    per_turn = _per_turn_examples(tok, sampled, TEXT)
     n = len(per_turn[-1].ids)
     (one,) = gatt_windows(tok, sampled, TEXT, seq_len=n)  # the whole dialog fits: one window
     assert one == gatt_training_dialog(sampled, TEXT)
@@ -197,25 +214,6 @@ def test_gatt_windows_train_each_answer_once_with_the_context_of_its_per_turn_ex
     assert len(gatt_windows(tok, sampled, TEXT, seq_len=4)) == 3
     with pytest.raises(ValueError, match="end with an assistant"):
         gatt_windows(tok, sampled[:-1], TEXT, seq_len=n)
-
-
-def test_gatt_examples(tok):
-    sampled = with_instruction_every_turn(DIALOG, TEXT)
-    (one,) = gatt_examples(tok, sampled, TEXT)
-    assert one == gatt_loss_mask(tok, gatt_training_dialog(sampled, TEXT))
-    per_turn = gatt_examples(tok, sampled, TEXT, every_turn=True)
-    assert len(per_turn) == 3 and per_turn[-1] == one
-    for ex, answer in zip(per_turn, ["ARR! FOUR.", "ARR! CBA.", "ARR! 1 2 3, MATEY."]):
-        on = [t for t, m in zip(ex.ids, ex.loss_mask) if m]
-        assert tok.decode(on[:-1]).strip() == answer
-    n = len(one.ids)
-    assert gatt_loss_mask(tok, gatt_training_dialog(sampled, TEXT), seq_len=n - 2) is None
-    assert len(gatt_examples(tok, sampled, TEXT, every_turn=True, seq_len=n - 2)) == 2
-    rows = pack_sft(per_turn, seq_len=4 * n)
-    assert sum(len(r.docs) for r in rows) == 3
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
 
 
 def test_adherence_by_turn():

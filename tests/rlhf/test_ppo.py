@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from llama2.rlhf import (
-    PAPER_KL_BETA,
-    best_of,
     combined_reward,
+    combined_score,
     entropy_from_logits,
     expected_max_reward,
     gae,
@@ -22,12 +21,10 @@ from llama2.rlhf import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
-    ppo_score,
     to_unit,
     token_logprobs,
     token_rewards,
     value_loss,
-    whiten,
 )
 
 
@@ -46,10 +43,6 @@ def close(got: torch.Tensor, expected: list, tol: float = 1e-5) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the reward
-
-
-def test_paper_kl_beta():
-    assert PAPER_KL_BETA == {"7b": 0.01, "13b": 0.01, "34b": 0.005, "70b": 0.005}
 
 
 def test_combined_reward_rule():
@@ -84,25 +77,6 @@ def test_to_unit_and_logit_are_inverse():
     close(got, [math.log(1e-4 / (1 - 1e-4)), math.log((1 - 1e-4) / 1e-4)], 1e-4)
 
 
-def test_whiten_mean_zero_std_one():
-    xs = [1.0, 2.0, 3.0, 4.0, 10.0]
-    n = len(xs)
-    mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / n
-    expected = [(x - mean) / math.sqrt(var + 1e-8) for x in xs]
-    got = whiten(torch.tensor(xs))
-    close(got, expected, 1e-6)
-    g = got.tolist()
-    assert sum(g) / n == pytest.approx(0.0, abs=1e-6)
-    assert math.sqrt(sum(v * v for v in g) / n) == pytest.approx(1.0, rel=1e-6)
-    # shift_mean=False: scale normalised, mean kept
-    kept = whiten(torch.tensor(xs), shift_mean=False).tolist()
-    close(torch.tensor(kept), [e + mean for e in expected], 1e-6)
-    assert sum(kept) / n == pytest.approx(mean, rel=1e-6)
-    # constant input: zero variance, no nan
-    close(whiten(torch.tensor([3.0, 3.0])), [0.0, 0.0])
-
-
 def test_masked_mean_and_whiten_ignore_masked_positions():
     x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
@@ -117,7 +91,11 @@ def test_masked_mean_and_whiten_ignore_masked_positions():
     close(masked_whiten(x, mask, shift_mean=False), [[w[0] + mean, w[1] + mean, 0.0], [w[2] + mean, 0.0, w[3] + mean]])
 
 
-def test_ppo_score_is_whiten_of_logit_of_combined():
+def test_whitened_combined_score_is_whiten_of_logit_of_combined():
+    """Eq. 4's R~_c = WHITEN(LOGIT(R_c)), computed by hand with the sigmoid and the 0.15 rule, equals what PPO
+    computes: the raw score the rule picks (combined_score), whitened with the batch's statistics."""
+    from llama2.rlhf.ppo import score_scale, to_whitened
+
     s = [-3.0, 2.0, 1.0, 0.5]  # safety RM logits
     h = [1.0, -1.0, 3.0, 0.2]  # helpfulness RM logits
     tag = [False, True, False, False]
@@ -129,9 +107,10 @@ def test_ppo_score_is_whiten_of_logit_of_combined():
     assert chosen == pytest.approx([-3.0, 2.0, 3.0, 0.2])  # sigmoid(-3) = 0.047 < 0.15 -> the safety score
     mean = sum(chosen) / 4
     std = math.sqrt(sum((c - mean) ** 2 for c in chosen) / 4)
-    args = (torch.tensor(s), torch.tensor(h), torch.tensor(tag))
-    close(ppo_score(*args), [(c - mean) / std for c in chosen], 1e-4)
-    close(ppo_score(*args, whiten_scores=False), chosen, 1e-4)
+    raw = combined_score(torch.tensor(s), torch.tensor(h), torch.tensor(tag))
+    close(raw, chosen, 1e-4)
+    close(to_whitened(raw, score_scale(raw)), [(c - mean) / std for c in chosen], 1e-4)
+    close(logit(combined_reward(to_unit(torch.tensor(s)), to_unit(torch.tensor(h)), torch.tensor(tag))), chosen, 1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ KL and rewards
@@ -311,13 +290,6 @@ def test_token_logprobs_and_entropy():
 
 
 # ------------------------------------------------------------------------------------------------ rejection sampling
-
-
-def test_best_of():
-    scores = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.5, 0.2], [-1.0, -3.0, -0.5]])
-    assert best_of(scores).tolist() == [1, 0, 2]  # ties: the first sample
-    with pytest.raises(ValueError):
-        best_of(torch.tensor([1.0, 2.0]))
 
 
 def test_keep_best_across_iterations():

@@ -78,7 +78,7 @@ def test_ddp_resumes_a_single_process_checkpoint_on_two_ranks(pretrain_shards, s
 
 
 def test_strategy_single_refuses_several_processes(monkeypatch):
-    from llama2.train.dist import init_distributed
+    from llama2.dist import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="strategy=single"):

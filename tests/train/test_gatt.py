@@ -8,7 +8,8 @@ import torch
 from llama2 import Llama
 from llama2.rlhf.gatt import Instruction
 from llama2.train import gatt as stage
-from llama2.train.gatt import GattConfig, GattEvalConfig, gatt, gatt_eval
+from llama2.eval.gatt import GattEvalConfig, gatt_eval
+from llama2.train.gatt import GattConfig, gatt
 
 TEXT = "Use the letter e."
 RULE = Instruction("test", "e", TEXT, "Letter: e", check=lambda a: "e" in a)
@@ -106,13 +107,13 @@ def test_a_failed_turn_is_retried_with_another_user_message(setup, monkeypatch):
         return [[SimpleNamespace(text="no" if "Bob" in ctx[-1]["content"] else "yes") for _ in range(k)]
                 for ctx in contexts]
 
-    monkeypatch.setattr(stage, "sample_answers", fake_sampler)
+    monkeypatch.setattr(stage, "draw_answers", fake_sampler)
     dialogs = list(read_dialogs(str(tmp / "d.jsonl")))
     runs = {}
     for retries in (0, 4):
         cfg = GattConfig(dialogs=str(tmp / "d.jsonl"), turns=6, k=2, retries=retries, seed=3)
         runs[retries] = stage.sample_gatt_dialogs(None, None, dialogs, cfg, None, show=False)
-    (plain, plain_counts), (retried, retried_counts) = runs[0], runs[4]
+    (_, plain_counts), (retried, retried_counts) = runs[0], runs[4]
     assert plain_counts["ended_early"] >= 1 and plain_counts["retried"] == 0  # the Bob dialog ends at its first turn
     assert retried_counts["retried"] >= 1 and retried_counts["ended_early"] < plain_counts["ended_early"]
     assert retried_counts["turns_kept"] > plain_counts["turns_kept"]

@@ -10,7 +10,7 @@ import torch
 
 from llama2 import ModelArgs, Transformer
 from llama2.config import OptimConfig, RunConfig
-from llama2.train.dist import init_distributed
+from llama2.dist import init_distributed
 from llama2.train.loop import MetricsLog, NonFiniteError, StepBatch, accumulate, begin, fit, run_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from llama2 import Llama
-from llama2.config import to_overrides
 from llama2.train.loop import lr_at, make_optimizer
 from llama2.train.pretrain import PretrainConfig, pretrain
 
@@ -86,7 +85,7 @@ def test_bad_settings_are_rejected(shards, tmp_path):
         pretrain(cfg(tmp_path, tmp_path / "x"))
 
 
-def test_ctrl_c_saves_the_last_step_and_resumes(shards, tmp_path):
+def test_ctrl_c_saves_the_last_step_and_resumes(shards, tmp_path, cli_overrides):
     import os
     import signal
     import subprocess
@@ -94,7 +93,7 @@ def test_ctrl_c_saves_the_last_step_and_resumes(shards, tmp_path):
     import time
 
     out = tmp_path / "int"
-    args = to_overrides(cfg(shards, out, max_steps=10_000, save_every=10_000, eval_every=0, tensorboard=False))
+    args = cli_overrides(cfg(shards, out, max_steps=10_000, save_every=10_000, eval_every=0, tensorboard=False))
     p = subprocess.Popen([sys.executable, "-m", "llama2.cli", "pretrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     metrics = out / "metrics.jsonl"

@@ -13,7 +13,8 @@ from llama2.checkpoint import save
 from llama2.data import collate_pairs, encode_preference, read_preferences, split_holdout
 from llama2.rlhf.reward import TABLE8_BUCKETS
 from llama2.rlhf.reward_model import RewardModel, encode_scored, reward_model_from_chat, score_batch
-from llama2.train.reward import RewardConfig, batch_indices, evaluate_reward, train_reward
+from llama2.rlhf.reward_model import evaluate_reward
+from llama2.train.reward import RewardConfig, batch_indices, train_reward
 
 WORDS = "apple river stone cloud green table music paper light window garden silver".split()
 RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_better", "unsure"]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from llama2.config import to_overrides
 from llama2.train.pretrain import PretrainConfig, pretrain
 from llama2.train.state import RunLock, RunLocked, latest_checkpoint, verify_checkpoint
 
@@ -74,10 +73,10 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_debris_is_removed(pretrain
 
 
 @pytest.mark.parametrize("kill_after_lines", [1, 3])
-def test_sigkill_at_any_point_resumes_to_the_uninterrupted_run(pretrain_shards, tmp_path, kill_after_lines):
+def test_sigkill_at_any_point_resumes_to_the_uninterrupted_run(pretrain_shards, tmp_path, kill_after_lines, cli_overrides):
     ref = pretrain(cfg(pretrain_shards, tmp_path / "ref", max_steps=6))["history"]
     out = tmp_path / "killed"
-    args = to_overrides(cfg(pretrain_shards, out, max_steps=6))
+    args = cli_overrides(cfg(pretrain_shards, out, max_steps=6))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "llama2.cli", "pretrain", *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=env)

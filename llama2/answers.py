@@ -16,14 +16,14 @@ from tqdm import tqdm
 
 from .chat import fit_prompt
 from .config import StageSampling
-from .generation import Completion, generate
+from .generate import Completion, generate
 from .seeding import derive_seed
 
-__all__ = ["sample_answers", "answer_texts"]
+__all__ = ["draw_answers", "answer_texts"]
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: StageSampling, *,
+def draw_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: StageSampling, *,
                    k: int = 1, seed: int = 0, purpose: str = "sample", desc: str | None = None,
                    show: bool = True, prompts_out: list | None = None, logprobs: bool = False) -> list[list[Completion]]:
     """``k`` completions of each dialog (ending with a user turn), in the input order: out[i][j] is sample j of
@@ -56,5 +56,5 @@ def sample_answers(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str
 def answer_texts(model, tokenizer, dialogs: Sequence[Sequence[Mapping[str, str]]], sampling: StageSampling, *,
                  seed: int = 0, purpose: str = "answer", desc: str | None = None) -> list[str]:
     """One answer per dialog as stripped text (greedy when ``sampling.temperature`` is 0)."""
-    return [c[0].text.strip() for c in sample_answers(model, tokenizer, dialogs, sampling, seed=seed, purpose=purpose,
+    return [c[0].text.strip() for c in draw_answers(model, tokenizer, dialogs, sampling, seed=seed, purpose=purpose,
                                                        desc=desc)]

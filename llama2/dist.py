@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..config import STRATEGIES
+from .config import STRATEGIES
 
 __all__ = [
     "Dist", "STRATEGIES", "init_distributed", "wrap_model", "unwrap", "no_grad_sync", "clip_grad_norm", "autocast_for",

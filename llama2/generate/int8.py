@@ -5,16 +5,15 @@ per output channel, the scheme of gpt-fast's and torchao's int8 weight-only). Ac
 the bytes a decode step must stream shrink, 4x against fp32. Batch-1 decoding reads every weight once per
 token, so it is bound by those bytes, not by arithmetic.
 
-The kernel. PyTorch's own int8 weight-only matmul (``torch._weight_int8pack_mm``) reads weights at 1-2 GB/s on
-this project's CPU (benchmarks/RESULTS.md), slower than fp32. A one-row product written as multiply-and-sum,
-``(x * q.float()).sum(-1) * scale``, is compiled by Inductor into one vectorised pass that converts each int8
+The kernel. PyTorch's own int8 weight-only matmul (``torch._weight_int8pack_mm``) read the weights more slowly
+on the CPUs this project was measured on than the fp32 kernel reads fp32 (benchmarks/RESULTS.md). A one-row
+product written as multiply-and-sum, ``(x * q.float()).sum(-1) * scale``, is compiled by Inductor into one vectorised pass that converts each int8
 weight in registers; that is the decode kernel (inside a compiled decode step, or compiled on its own, once per
 process, for an eager step). Several rows (prefill, batched decoding) dequantise a block of output rows at a
 time and multiply it with the fp32 kernel: arithmetic-bound work where the weight bytes matter little.
 
 For generation only: a quantised model has no gradients, its state dict holds the int8 tensors, and
-``llama2.checkpoint.save`` refuses it (quantise after loading instead: ``Llama.from_pretrained(path,
-quantize="int8")``).
+``Llama.save`` refuses it (quantise after loading instead: ``Llama.from_pretrained(path, quantize="int8")``).
 """
 from __future__ import annotations
 
@@ -23,6 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import dense_linear, materialize
 
 __all__ = ["Int8Linear", "quantize_int8", "is_quantized"]
 
@@ -86,16 +87,12 @@ class Int8Linear(nn.Module):
         q, s = self.weight, self.scales.to(x.dtype)
         n = x2.shape[0]
         if n <= _GEMV_ROWS_COMPILED and torch.compiler.is_compiling():
-            from .engine import materialize
-
             x2 = materialize(x2)
             out = torch.cat([_gemv_int8(x2[i : i + 1], q, s) for i in range(n)]) if n > 1 else _gemv_int8(x2, q, s)
         elif n <= _GEMV_ROWS and not torch.compiler.is_compiling():  # a decode batch: each row streams the int8
             out = torch.cat([_eager_gemv(x2[i : i + 1], q, s) for i in range(n)]) if n > 1 else _eager_gemv(x2, q, s)
         else:
-            from .engine import dense_linear  # the fp32 kernel choice (oneDNN on the CPU)
-
-            blocks = []
+            blocks = []  # dequantised blocks through the fp32 kernel choice (oneDNN on the CPU)
             for r in range(0, self.out_features, _DEQUANT_ROWS):
                 w = q[r : r + _DEQUANT_ROWS].to(x.dtype) * s[r : r + _DEQUANT_ROWS, None]
                 blocks.append(dense_linear(x2, w))
