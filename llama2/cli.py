@@ -8,8 +8,8 @@ come from ``GenerationConfig`` the same way.
 Every expected failure (a bad file, setting or checkpoint, a missing device, an interrupted run) ends in one line
 ``error: ...`` and a non-zero exit; ``--debug`` (or ``LLAMA2_DEBUG=1``) shows the traceback instead.
 
-Start-up: a command's module (and torch, about 1 s to import) is imported only when that command runs or shows its
-help, so ``llama2 --help`` is instant.
+Start-up: a command's modules (a stage's, the pipeline's, lm-eval, FastAPI) are imported only when that command
+runs or shows its help.
 """
 from __future__ import annotations
 
