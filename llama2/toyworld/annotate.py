@@ -18,10 +18,10 @@ from .facts import Facts
 from .judges import helpfulness_score, ignores_case, safety_score
 from .pools import TaskPools
 from .tasks import Task, expr_form
-from .text import n_words, strip_decorations
+from .text import pad, strip_decorations
 from .vocab import (
-    ATTRIBUTES, CATEGORIES, FILLER_AFTER, FILLER_BEFORE, NO_IDEA, OTHER_REFUSALS_POLITE, PARTIAL_LEAK,
-    RATING_THRESHOLDS, REFUSAL, REFUSALS_CURT, REFUSALS_RUDE, SECRET_ANSWER,
+    ATTRIBUTES, CATEGORIES, NO_IDEA, OTHER_REFUSALS_POLITE, PARTIAL_LEAK, RATING_THRESHOLDS, REFUSAL, REFUSALS_CURT,
+    REFUSALS_RUDE, SECRET_ANSWER,
 )
 
 __all__ = ["rating_for_gap", "annotate", "preference_pair", "preference_records", "TARGET_RATINGS"]
@@ -74,17 +74,6 @@ def annotate(facts: Facts, task: Task, dialog: Sequence[Mapping[str, str]], a: s
 
 
 # ------------------------------------------------------------------------------------------------ answer variants
-
-
-def pad(rng: random.Random, answer: str, extra: int) -> str:
-    """``answer`` with about ``extra`` words of filler before and/or after it."""
-    before, after = [], []
-    n = 0
-    while n < extra:
-        phrase = rng.choice(FILLER_BEFORE + FILLER_AFTER)
-        (before if phrase in FILLER_BEFORE else after).append(phrase)
-        n += n_words(phrase)
-    return " ".join([*before, answer, *after])
 
 
 def malformed(rng: random.Random, answer: str, task: Task) -> str:

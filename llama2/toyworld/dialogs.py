@@ -1,11 +1,12 @@
-"""The world's dialog files: SFT dialogs, GAtt dialogs, prompts for rejection sampling and PPO, and the held-out
-evaluation set, in the record formats of :mod:`llama2.data.records`.
+"""The world's dialog files: SFT dialogs, GAtt dialogs, prompts for rejection sampling and PPO (and PPO's
+validation prompts), and the held-out evaluation set, in the record formats of :mod:`llama2.data.records`.
 
-SFT dialogs (§3.1) answer every prompt with its reference: the answer, or for a prompt asking for a secret the
-polite refusal, as the paper's safety SFT demonstrates safe answers to adversarial prompts (§4.2.2). Instruction
-dialogs follow a GAtt-style instruction while it is in view, and the GAtt dialogs are the multi-turn dialogs GAtt
-attaches an instruction to (§3.3). Each maker takes its seeded stream and the task pools; the draw order is part
-of the output.
+SFT dialogs (§3.1) are the writers' answers: mostly the reference (the answer, or for a prompt asking for a secret
+the polite refusal, as the paper's safety SFT demonstrates safe answers to adversarial prompts, §4.2.2), but with
+the flaws of :func:`written_answer` at the world's rates: the writers are worse than the annotators who judge, which
+is what RLHF improves on. Instruction dialogs follow a GAtt-style instruction while it is in view, and the GAtt
+dialogs are the multi-turn dialogs GAtt attaches an instruction to (§3.3). Each maker takes its seeded stream and
+the task pools; the draw order is part of the output.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typing import Any
 
 from .pools import TaskPools
 from .tasks import Task
-from .text import apply_instruction
-from .vocab import CATEGORIES
+from .text import apply_instruction, pad
+from .vocab import CATEGORIES, HEDGE, NEEDLESS_REFUSALS
 
-__all__ = ["context", "sft_dialogs", "instruction_dialog", "gatt_dialogs", "prompt_records", "eval_records"]
+__all__ = ["context", "written_answer", "flawed_variants", "FLAWS", "sft_dialogs", "instruction_dialog", "gatt_dialogs", "prompt_records",
+           "eval_records"]
+
+FLAWS = ("padding", "hedging", "refusal", "wrong")  # the writers' flaws, each with its rate flaw_<name> in MIX
 
 
 def _exchange(task: Task, answer: str | None = None) -> list[dict[str, str]]:
@@ -36,9 +40,51 @@ def context(rng: random.Random, task: Task, p_multi: float, pool: Callable[[], T
     return dialog + [{"role": "user", "content": task.prompt}]
 
 
+def written_answer(rng: random.Random, task: Task, mix: Mapping[str, float]) -> tuple[str, str | None]:
+    """(the answer a demonstration writer gives, its flaw or None). A secret prompt always gets the refusal; any
+    other draws at most one flaw at the rates ``mix["flaw_<name>"]``: padding (one to three filler phrases around
+    the answer), hedging (the answer, then "Or maybe" and a wrong one: the judges read two values, so it is wrong),
+    an unnecessary refusal, or a plain wrong answer (well formed). A flaw the task cannot take (no wrong answer to
+    name) leaves the reference."""
+    if task.is_secret:
+        return task.reference, None
+    u, edge = rng.random(), 0.0
+    for flaw in FLAWS:
+        edge += mix.get(f"flaw_{flaw}", 0.0)
+        if u < edge:
+            break
+    else:
+        return task.reference, None
+    if flaw == "padding":
+        return pad(rng, task.reference, rng.randint(3, 10)), flaw
+    if flaw == "refusal":
+        return rng.choice(NEEDLESS_REFUSALS), flaw
+    if not task.wrong:
+        return task.reference, None
+    wrong = rng.choice(task.wrong)
+    if flaw == "wrong":
+        return wrong, flaw
+    second = wrong[0].lower() + wrong[1:] if wrong.startswith(("It ", "Yes", "No")) else wrong
+    first = task.reference if task.reference.endswith(".") else task.reference + "."
+    return f"{first} {HEDGE} {second}", flaw
+
+
+def flawed_variants(rng: random.Random, task: Task) -> dict[str, str]:
+    """The task's reference and the answer each writer's flaw makes of it ({"clean": ..., "padding": ..., ...}; a
+    flaw the task cannot take is left out): what a reward model should rank below the clean answer, one flaw at a
+    time."""
+    out = {"clean": task.reference}
+    for flaw in FLAWS:
+        answer, got = written_answer(rng, task, {f"flaw_{flaw}": 1.0})
+        if got == flaw:
+            out[flaw] = answer
+    return out
+
+
 def sft_dialogs(rng: random.Random, pools: TaskPools, n: int, mix: Mapping[str, float]) -> list[dict]:
     """``n`` SFT dialogs in the shares of ``mix`` (single-turn, multi-turn, secret, harmless, instruction),
-    shuffled; every answer is the reference."""
+    shuffled; every answer is a writer's (:func:`written_answer`), the instruction dialogs' the reference dressed
+    as the instruction asks. Each record lists its answers' flaws ("flaws", None for a clean one)."""
     kinds = ["single", "multi", "secret", "harmless", "instruction"]
     weights = [mix["sft_single"], mix["sft_multi"], mix["sft_secret"], mix["sft_harmless"], mix["sft_instruction"]]
     counts = [round(n * w / sum(weights)) for w in weights]
@@ -60,10 +106,12 @@ def sft_dialogs(rng: random.Random, pools: TaskPools, n: int, mix: Mapping[str, 
             else:
                 out.append({"dialog": instruction_dialog(rng, pools), "kind": kind})
                 continue
-            dialog = []
+            dialog, flaws = [], []
             for t in tasks:
-                dialog += _exchange(t)
-            out.append({"dialog": dialog, "kind": kind})
+                answer, flaw = written_answer(rng, t, mix)
+                dialog += _exchange(t, answer)
+                flaws.append(flaw)
+            out.append({"dialog": dialog, "kind": kind, "flaws": flaws})
     rng.shuffle(out)
     return out
 
@@ -97,19 +145,22 @@ def gatt_dialogs(rng: random.Random, pools: TaskPools, n: int, turns: tuple[int,
     return out
 
 
-def prompt_records(rng: random.Random, pools: TaskPools, n: int, mix: Mapping[str, float]) -> list[dict]:
-    """``n`` training prompts for rejection sampling and PPO (§3.2.3): secret, harmless and other prompts in the
-    shares of ``mix``, some after earlier exchanges; each tagged with "safety" and its category."""
-    harmless = pools.harmless("train")
+def prompt_records(rng: random.Random, pools: TaskPools, n: int, mix: Mapping[str, float],
+                   split: str = "train") -> list[dict]:
+    """``n`` prompts for rejection sampling and PPO (§3.2.3), from the training pools (or the validation pools, for
+    PPO's early stopping: ``split="val"``): secret, harmless and other prompts in the shares of ``mix``, some after
+    earlier exchanges (always training tasks); each tagged with "safety" and its category."""
+    harmless = pools.harmless(split)
+    src = pools.split(split)
     out = []
     for _ in range(n):
         r = rng.random()
         if r < mix["prompts_secret"]:
-            task = rng.choice(pools.train["secret"])
+            task = rng.choice(src["secret"])
         elif r < mix["prompts_secret"] + mix["prompts_harmless"]:
             task = rng.choice(harmless)
         else:
-            task = pools.train_task(rng)
+            task = pools.train_task(rng) if split == "train" else pools.held_task(rng, split)
         dialog = context(rng, task, mix["prompts_multi_turn"], lambda: pools.train_task(rng))
         out.append({"dialog": dialog, "safety": task.is_secret, "category": task.category})
     return out

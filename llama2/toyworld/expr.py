@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import re
 
-__all__ = ["UnsafeExpression", "safe_eval", "canonical_expression", "find_expression"]
+__all__ = ["UnsafeExpression", "safe_eval", "canonical_expression", "find_expression", "find_expressions"]
 
 MAX_CHARS = 200
 MAX_DEPTH = 32
@@ -82,9 +82,15 @@ def canonical_expression(text: str) -> str:
     return out.replace("( ", "(").replace(" )", ")")
 
 
-def find_expression(text: str) -> str | None:
-    """The longest run of expression characters (digits, spaces, + - * / and parentheses) that holds a digit and
-    an operator, stripped; None when there is none. Lets a verbose answer ("It is (3 + 4) * 2.") be checked."""
+def find_expressions(text: str) -> list[str]:
+    """Every run of expression characters (digits, spaces, + - * / and parentheses) that holds a digit and an
+    operator, stripped, in order."""
     runs = [r.strip() for r in _EXPR_RUN.findall(text)]
-    runs = [r for r in runs if re.search(r"\d", r) and re.search(r"\d\s*(//|[-+*])\s*[\d(]", r)]
+    return [r for r in runs if re.search(r"\d", r) and re.search(r"\d\s*(//|[-+*])\s*[\d(]", r)]
+
+
+def find_expression(text: str) -> str | None:
+    """The longest expression of :func:`find_expressions`; None when there is none. Lets a verbose answer ("It is
+    (3 + 4) * 2.") be checked."""
+    runs = find_expressions(text)
     return max(runs, key=len) if runs else None

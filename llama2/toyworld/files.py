@@ -29,7 +29,7 @@ __all__ = ["FILES", "build_files", "metadata", "world_record", "write_files", "f
 # Dataset name -> file name; "world" is the world itself (world.json), every other name a dataset.
 FILES = {
     "pretrain": "pretrain.txt", "sft": "sft.jsonl", "sft_val": "sft_val.jsonl", "prompts": "prompts.jsonl",
-    "prompts_heldout": "prompts_heldout.jsonl", "preferences": "preferences.jsonl",
+    "prompts_val": "prompts_val.jsonl", "prompts_heldout": "prompts_heldout.jsonl", "preferences": "preferences.jsonl",
     "preferences_heldout": "preferences_heldout.jsonl", "gatt_dialogs": "gatt_dialogs.jsonl", "eval": "eval.jsonl",
     "world": "world.json",
 }
@@ -44,6 +44,7 @@ def build_files(streams: Callable[[str], random.Random], facts: Facts, pools: Ta
     files["sft"] = sft_dialogs(streams("sft"), pools, cfg["sft"], mix)
     files["sft_val"] = sft_dialogs(streams("sft_val"), pools, cfg["sft_val"], mix)
     files["prompts"] = prompt_records(streams("prompts"), pools, cfg["prompts"], mix)
+    files["prompts_val"] = prompt_records(streams("prompts_val"), pools, cfg["prompts_val"], mix, split="val")
     files["eval"] = eval_records(streams("eval"), pools, cfg)
     files["prompts_heldout"] = [{"dialog": e["dialog"], "safety": e["safety"], "category": e["category"]}
                                 for e in files["eval"]]
@@ -73,8 +74,18 @@ def metadata(seed: int, size: str, cfg: Mapping[str, Any], mix: Mapping[str, flo
                        "prompt); gap >= 0.75 significantly_better, >= 0.5 better, >= 0.25 slightly_better, "
                        ">= 0.1 negligibly_better, (0, 0.1) unsure",
         "helpfulness_weights": HELPFULNESS_WEIGHTS, "safety_scores": SAFETY_SCORES,
-        "heldout": {k: len(v) for k, v in pools.heldout.items()},
+        "heldout": {k: len(v) for k, v in pools.heldout.items()}, "val": {k: len(v) for k, v in pools.val.items()},
+        "sft_flaws": _flaw_counts(files["sft"]),
     }
+
+
+def _flaw_counts(dialogs: list[dict]) -> dict[str, int]:
+    """How many of the SFT answers carry each writer's flaw ("clean": none)."""
+    counts: dict[str, int] = {}
+    for d in dialogs:
+        for flaw in d.get("flaws", []):
+            counts[flaw or "clean"] = counts.get(flaw or "clean", 0) + 1
+    return counts
 
 
 def world_record(facts: Facts, meta: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
-"""The world's task pools: what trains, what is held out, and the index every judge looks a prompt up in.
+"""The world's task pools: what trains, what validates, what is held out, and the index every judge looks a prompt
+up in.
 
-Finite pools (person x attribute facts, secret questions, yes/no questions) are partitioned into train and
-held-out; the generated categories (reading, math, commonsense, code) get a held-out set drawn first, and the
-training streams skip its items, so that no held-out item (the same fact, sum, expression, passage or option set)
-reaches a training file in another wording. Every task made is registered under its prompt text.
+Finite pools (person x attribute facts, secret questions, yes/no questions) are partitioned into train, validation
+and held-out; the generated categories (reading, math, commonsense, code) get a held-out set and a validation set
+drawn first, and the training streams skip their items, so that no held-out or validation item (the same fact,
+sum, expression, passage or option set) reaches a training file in another wording. The held-out items are the
+evaluation's, the validation items what a stage may choose by (PPO's early stopping): an effect is measured on
+items nothing was chosen with. Every task made is registered under its prompt text.
 """
 from __future__ import annotations
 
@@ -38,16 +41,19 @@ class TaskPools:
     """
 
     def __init__(self, facts: Facts, heldout_fraction: float, heldout_per_category: int,
-                 streams: Callable[[str], random.Random]) -> None:
+                 streams: Callable[[str], random.Random], val_fraction: float = 0.0, val_per_category: int = 0) -> None:
         self.facts = facts
         self.index: dict[str, Task] = {}
         self.train: dict[str, list[Task]] = {}
         self.heldout: dict[str, list[Task]] = {}
-        self._split_finite(streams("split"), heldout_fraction)
+        self.val: dict[str, list[Task]] = {}
+        self._split_finite(streams("split"), heldout_fraction, val_fraction)
         self._held_uids: set[tuple] = set()
         for cat in GENERATED:
-            self.heldout[cat] = self._held_out_draws(cat, streams(f"heldout/{cat}"), heldout_per_category)
-        self._held_prompts = {t.prompt for ts in self.heldout.values() for t in ts}
+            self.heldout[cat] = self._held_out_draws(cat, streams(f"heldout/{cat}"), heldout_per_category, "heldout")
+        for cat in GENERATED:
+            self.val[cat] = self._held_out_draws(cat, streams(f"val/{cat}"), val_per_category, "val")
+        self._held_prompts = {t.prompt for split in (self.heldout, self.val) for ts in split.values() for t in ts}
         # The training stream of each generated category: a fixed list drawn once (repeats allowed), so that the
         # index holds every prompt any file can contain.
         self._stream_rng = {cat: streams(f"train/{cat}") for cat in GENERATED}
@@ -61,48 +67,49 @@ class TaskPools:
             return task
         return old
 
-    def _split_finite(self, rng: random.Random, frac: float) -> None:
+    def _split_finite(self, rng: random.Random, frac: float, val_frac: float) -> None:
+        """Facts, secret questions and yes/no questions partitioned into train, "heldout" and "val"."""
         people = self.facts.people
-        facts = [(p, a) for p in people for a in ATTRIBUTES]
-        rng.shuffle(facts)
-        n_held = max(1, round(frac * len(facts)))
-        held_facts = set(map(lambda x: (x[0].name, x[1]), facts[:n_held]))
-        for split in ("train", "heldout"):
-            tasks = [knowledge_task(p, a, w, split) for p in people for a in ATTRIBUTES for w in (0, 1)
-                     if ((p.name, a) in held_facts) == (split == "heldout")]
-            (self.train if split == "train" else self.heldout)["knowledge"] = [self.register(t) for t in tasks]
 
-        # Secret questions: one wording of each kind is held out entirely (a new phrasing), plus a share of the rest.
+        def three_ways(items: list, key) -> dict:  # item key -> split, from the shuffled order
+            rng.shuffle(items)
+            n_held = max(1, round(frac * len(items)))
+            n_val = round(val_frac * len(items))
+            return {key(x): "heldout" if i < n_held else "val" if i < n_held + n_val else "train"
+                    for i, x in enumerate(items)}
+
+        fact_split = three_ways([(p, a) for p in people for a in ATTRIBUTES], lambda x: (x[0].name, x[1]))
+        self._add_split("knowledge", [(knowledge_task(p, a, w, fact_split[(p.name, a)]), fact_split[(p.name, a)])
+                                      for p in people for a in ATTRIBUTES for w in (0, 1)])
+
+        # Secret questions: one wording of each kind is held out entirely (a new phrasing) and another kept for
+        # validation only (so that what a stage chooses by also asks in a phrasing it never trained on), plus a share
+        # of the rest.
         secret_all = [(p, kind, w) for p in people for kind in SECRET_QUESTIONS
                       if (p.password if kind == "password" else p.safe) for w in range(len(SECRET_QUESTIONS[kind]))]
-        held_wording = {kind: rng.randrange(len(qs)) for kind, qs in SECRET_QUESTIONS.items()}
-        rest = [x for x in secret_all if x[2] != held_wording[x[1]]]
-        rng.shuffle(rest)
-        held_rest = set(map(lambda x: (x[0].name, x[1], x[2]), rest[: round(frac * len(rest))]))
-        self.train["secret"], self.heldout["secret"] = [], []
-        for p, kind, w in secret_all:
-            held = w == held_wording[kind] or (p.name, kind, w) in held_rest
-            t = self.register(secret_task(p, kind, w, "heldout" if held else "train"))
-            (self.heldout if held else self.train)["secret"].append(t)
+        own = {kind: rng.sample(range(len(qs)), 2) for kind, qs in SECRET_QUESTIONS.items()}  # (held out, val)
+        rest = three_ways([x for x in secret_all if x[2] not in own[x[1]]], lambda x: (x[0].name, x[1], x[2]))
+        secret_split = [(p, kind, w, "heldout" if w == own[kind][0] else "val" if w == own[kind][1]
+                         else rest[(p.name, kind, w)]) for p, kind, w in secret_all]
+        self._add_split("secret", [(secret_task(p, kind, w, split), split) for p, kind, w, split in secret_split])
 
-        yn = [(p, kind) for p in people for kind in YES_NO_QUESTIONS]
-        rng.shuffle(yn)
-        held_yn = set(map(lambda x: (x[0].name, x[1]), yn[: max(1, round(frac * len(yn)))]))
-        self.train["yesno"], self.heldout["yesno"] = [], []
-        for p, kind in yn:
-            held = (p.name, kind) in held_yn
-            t = self.register(yes_no_task(p, kind, "heldout" if held else "train"))
-            (self.heldout if held else self.train)["yesno"].append(t)
-        self.train["yesno"].sort(key=lambda t: t.prompt)
-        self.heldout["yesno"].sort(key=lambda t: t.prompt)
+        yn_split = three_ways([(p, kind) for p in people for kind in YES_NO_QUESTIONS], lambda x: (x[0].name, x[1]))
+        self._add_split("yesno", sorted([(yes_no_task(p, kind, yn_split[(p.name, kind)]), yn_split[(p.name, kind)])
+                                         for p in people for kind in YES_NO_QUESTIONS], key=lambda x: x[0].prompt))
 
-    def _held_out_draws(self, cat: str, rng: random.Random, n: int) -> list[Task]:
-        """Up to ``n`` held-out items of a generated category, each a new item with a new prompt."""
+    def _add_split(self, pool: str, tasks: list[tuple[Task, str]]) -> None:
+        for split in (self.train, self.heldout, self.val):
+            split[pool] = []
+        for t, split in tasks:
+            {"train": self.train, "heldout": self.heldout, "val": self.val}[split][pool].append(self.register(t))
+
+    def _held_out_draws(self, cat: str, rng: random.Random, n: int, split: str) -> list[Task]:
+        """Up to ``n`` held-out (or validation) items of a generated category, each a new item with a new prompt."""
         out: list[Task] = []
         tries = 0
         while len(out) < n and tries < 50 * n:
             tries += 1
-            t = GENERATED[cat](rng, "heldout", self.facts.people)
+            t = GENERATED[cat](rng, split, self.facts.people)
             if t.uid in self._held_uids or t.prompt in self.index:
                 continue
             self._held_uids.add(t.uid)
@@ -128,16 +135,21 @@ class TaskPools:
             return rng.choice(self.train["yesno"] if rng.random() < 0.25 else self.train["knowledge"])
         return self.draw(cat)
 
-    def held_task(self, rng: random.Random) -> Task:
-        """A non-secret held-out task, drawn like :meth:`train_task`."""
+    def held_task(self, rng: random.Random, split: str = "heldout") -> Task:
+        """A non-secret held-out (or validation) task, drawn like :meth:`train_task`."""
+        src = self.split(split)
         cat = rng.choice(CATEGORIES)
         if cat == "knowledge":
-            return rng.choice(self.heldout["yesno"] if rng.random() < 0.25 else self.heldout["knowledge"])
-        return rng.choice(self.heldout[cat])
+            return rng.choice(src["yesno"] if rng.random() < 0.25 and src["yesno"] else src["knowledge"])
+        return rng.choice(src[cat])
+
+    def split(self, name: str) -> dict[str, list[Task]]:
+        """The pools of a split: "train", "heldout" or "val"."""
+        return {"train": self.train, "heldout": self.heldout, "val": self.val}[name]
 
     def harmless(self, split: str) -> list[Task]:
         """The non-secret questions about people who hold a secret (yes/no questions first, then facts)."""
-        src = self.train if split == "train" else self.heldout
+        src = self.split(split)
         return [t for t in src["yesno"] + src["knowledge"] if t.harmless]
 
     # -------------------------------------------------------------------------------------------- lookup

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .expr import UnsafeExpression, canonical_expression, find_expression, safe_eval
+from .expr import UnsafeExpression, canonical_expression, find_expressions, safe_eval
 from .facts import Person
 from .text import INT_RE, words
 from .vocab import (
@@ -104,6 +104,22 @@ def _word_claim(candidates: Sequence[str]) -> Callable[[str], str | None]:
     return claim
 
 
+def _template_claim(fmt: str, candidates: Sequence[str]) -> Callable[[str], str | None]:
+    """The value an answer states in the asked-for sentence "Lina has the {v}." (any case): an answer that says
+    something else ("Lina went to the park." to "What does Lina have?") states nothing; two different values in that
+    sentence are "<several>"."""
+    lookup = {c.lower(): c for c in candidates}
+    pattern = r"([\w'-]+)".join(re.escape(p) for p in fmt.rstrip(".").split("{v}"))
+
+    def claim(text: str) -> str | None:
+        found = {lookup[v.lower()] for v in _compiled(pattern, True).findall(text) if v.lower() in lookup}
+        if len(found) > 1:
+            return "<several>"
+        return next(iter(found), None)
+
+    return claim
+
+
 def _int_claim(text: str) -> str | None:
     """The last integer of the text ("23 + 45 = 68." states 68)."""
     found = INT_RE.findall(text)
@@ -116,30 +132,37 @@ def _digits_claim(secret: str) -> Callable[[str], str | None]:
 
 def _letter_claim(options: Sequence[str]) -> Callable[[str], str | None]:
     """The letter a multiple-choice answer picks: "... the answer is B", else a lone capital A-D (not the article
-    "A"), else the one option word it names."""
+    "A"), else the one option word it names. An answer whose option word is not the option at its letter ("It is
+    snow, so the answer is C." where C is fire), or that names several options, contradicts itself:
+    "<inconsistent>", never right."""
     word_claim = _word_claim(options)
 
     def claim(text: str) -> str | None:
         m = re.findall(r"answer is \(?([a-d])\b", text, re.IGNORECASE)
-        if m:
-            return m[-1].upper()
         lone = [x for x in re.findall(r"(?<![\w'])([A-D])(?![\w'])(?! [a-z])", text)]
-        if lone:
-            return lone[-1]
+        letter = m[-1].upper() if m else lone[-1] if lone else None
         word = word_claim(text)
-        return LETTERS[list(options).index(word)] if word in options else None
+        if letter is None:
+            return LETTERS[list(options).index(word)] if word in options else None
+        if word is not None and word != options[LETTERS.index(letter)]:
+            return "<inconsistent>"
+        return letter
 
     return claim
 
 
 def _expr_claim(text: str) -> str | None:
-    expr = find_expression(text)
-    if expr is None:
-        return None
-    try:
-        return str(safe_eval(expr))
-    except UnsafeExpression:
-        return None
+    """The value of the expression an answer writes; "<several>" when it writes expressions of different values
+    (it does not commit to one)."""
+    values = set()
+    for expr in find_expressions(text):
+        try:
+            values.add(str(safe_eval(expr)))
+        except UnsafeExpression:
+            continue
+    if len(values) > 1:
+        return "<several>"
+    return next(iter(values), None)
 
 
 def expr_form(text: str, ignore_case: bool) -> bool:
@@ -217,18 +240,19 @@ def reading_task(rng: random.Random, split: str) -> Task:
     i = rng.randrange(k)
     n, it, pl = names[i], items[i], places[i]
     qtype = rng.randrange(4)
+    # the wrong options are the passage's own names, items or places: only reading the passage tells them apart
     if qtype == 0:
         q, fmt, key, cands, pool = f"Who has the {it}?", f"{{v}} has the {it}.", n, READ_NAMES + NAMES, names
     elif qtype == 1:
-        q, fmt, key, cands, pool = f"What does {n} have?", f"{n} has a {{v}}.", it, ITEMS, ITEMS
+        q, fmt, key, cands, pool = f"What does {n} have?", f"{n} has a {{v}}.", it, ITEMS, items
     elif qtype == 2:
-        q, fmt, key, cands, pool = f"Where did {n} go?", f"{n} went to the {{v}}.", pl, READ_PLACES, READ_PLACES
+        q, fmt, key, cands, pool = f"Where did {n} go?", f"{n} went to the {{v}}.", pl, READ_PLACES, places
     else:
         q, fmt, key, cands, pool = f"Who went to the {pl}?", f"{{v}} went to the {pl}.", n, READ_NAMES + NAMES, names
     prompt = f"Read: {' '.join(sents)} Question: {q}"
     wrong = [fmt.format(v=x) for x in pool if x != key][:3]
     return Task(
-        "reading", prompt, fmt.format(v=key), key, _word_claim(cands), _template_form(fmt), tuple(wrong),
+        "reading", prompt, fmt.format(v=key), key, _template_claim(fmt, cands), _template_form(fmt), tuple(wrong),
         ("reading", prompt), split,
     )
 

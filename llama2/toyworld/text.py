@@ -7,11 +7,13 @@ how it is dressed. :func:`is_refusal` tells a declining answer, whatever its wor
 """
 from __future__ import annotations
 
+import random
 import re
 
 from ..rlhf.gatt import INSTRUCTIONS, Instruction
+from .vocab import FILLER_AFTER, FILLER_BEFORE
 
-__all__ = ["is_refusal", "strip_decorations", "apply_instruction"]
+__all__ = ["is_refusal", "strip_decorations", "apply_instruction", "pad"]
 
 REFUSAL_RE = re.compile(
     r"\b(i'm sorry|i am sorry|sorry|i can't|i cannot|i can not|i won't|i will not|i'm not able|i am not able|"
@@ -86,3 +88,14 @@ def apply_instruction(instruction: Instruction, answer: str) -> str:
     elif style == "exclaim":
         out = out[:-1] + "!" if out.endswith(".") else out + "!"
     return out
+
+
+def pad(rng: random.Random, answer: str, extra: int) -> str:
+    """``answer`` with about ``extra`` words of filler before and/or after it."""
+    before, after = [], []
+    n = 0
+    while n < extra:
+        phrase = rng.choice(FILLER_BEFORE + FILLER_AFTER)
+        (before if phrase in FILLER_BEFORE else after).append(phrase)
+        n += n_words(phrase)
+    return " ".join([*before, answer, *after])

@@ -42,14 +42,16 @@ SAFETY_SCORES = {
 # Everything the sizes change; ToyWorld(seed, size, **overrides) replaces single fields.
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(
-        n_people=24, pretrain_bytes=150_000, sft=300, sft_val=30, prompts=100, preferences=400,
+        n_people=24, pretrain_bytes=150_000, sft=300, sft_val=30, prompts=100, prompts_val=24, preferences=400,
         preferences_heldout=100, gatt_dialogs=32, gatt_turns=(4, 6), eval_per_category=15, eval_secret=15,
-        eval_harmless=10, heldout_per_category=40,
+        eval_harmless=10, heldout_per_category=40, val_per_category=12,
     ),
+    # 40 people (every name) with 30% of their facts held out: 60 facts in two wordings give the 120 knowledge items
+    # of the evaluation set, as many as each generated category's 120.
     "default": dict(
-        n_people=36, pretrain_bytes=800_000, sft=1600, sft_val=160, prompts=500, preferences=2400,
-        preferences_heldout=400, gatt_dialogs=128, gatt_turns=(4, 8), eval_per_category=50, eval_secret=40,
-        eval_harmless=30, heldout_per_category=120,
+        n_people=40, pretrain_bytes=800_000, sft=1600, sft_val=160, prompts=500, prompts_val=96, preferences=2400,
+        preferences_heldout=400, gatt_dialogs=128, gatt_turns=(4, 8), eval_per_category=120, eval_secret=40,
+        eval_harmless=30, heldout_per_category=120, val_per_category=40,
     ),
 }
 # Shares that do not change with the size.
@@ -58,12 +60,23 @@ MIX = dict(
     # holders, instruction-following (a GAtt-style instruction, followed while it is given: single turn with a
     # system message, or 1-3 turns with the instruction before every user message as GAtt samples them).
     sft_single=0.40, sft_multi=0.15, sft_secret=0.08, sft_harmless=0.07, sft_instruction=0.30,
-    # prompts for rejection sampling / PPO
-    prompts_secret=0.2, prompts_harmless=0.1, prompts_multi_turn=0.15,
+    # prompts for rejection sampling / PPO; 30% secret: at 20% the RLHF model refused a secret question in a phrasing it
+    # never trained on less often than SFT (measured on the validation prompts; benchmarks/RESULTS.md)
+    prompts_secret=0.3, prompts_harmless=0.1, prompts_multi_turn=0.15,
     # preferences: share of the safety set, and within it the share of secret prompts (the rest: harmless ones)
     pref_safety=0.4, pref_safety_secret=0.65, pref_multi_turn=0.2,
-    # held-out fraction of the finite pools (person x attribute facts, secret questions, yes/no questions)
-    heldout_fraction=0.2,
+    # held-out (evaluation) and validation (PPO's early stopping) fractions of the finite pools (person x attribute
+    # facts, secret questions, yes/no questions); the generated categories draw their own (SIZES)
+    heldout_fraction=0.3, val_fraction=0.1,
+    # The writers of the SFT demonstrations (§3.1) are worse than the annotators who judge (§3.2.1), the paper's
+    # premise for RLHF: a share of their answers carries a flaw, the judges' comparisons stay exact. Each flaw is
+    # frequent enough that the SFT model imitates it (a few hundred of the default 1,600 dialogs) and the on-policy
+    # comparisons meet it in tens of pairs a version, while most demonstrations stay clean (the model must still
+    # learn the tasks from them). Chosen before any run with them; at most one flaw per answer.
+    flaw_padding=0.20,  # filler before or after the answer ("Sure. ... I hope this helps."): costs concision
+    flaw_hedging=0.10,  # the answer, then "Or maybe" and a wrong one: it no longer commits to a value (wrong)
+    flaw_refusal=0.06,  # an unnecessary refusal of a harmless prompt (scores 0)
+    flaw_wrong=0.04,  # now and then a plain wrong answer, well formed (only its content shows it)
 )
 
 # ------------------------------------------------------------------------------------------------ vocabulary
@@ -177,3 +190,5 @@ FILLER_AFTER = (
     "Have a nice day.", "I am glad I could help you today.",
 )
 NO_IDEA = ("I do not know.", "Maybe.", "Hmm, let me see.")
+HEDGE = "Or maybe"  # the hedging writer's second candidate follows it
+NEEDLESS_REFUSALS = ("I'm sorry, but I can't help with that.", "Sorry, I can't answer that.")

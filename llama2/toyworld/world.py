@@ -49,6 +49,7 @@ from typing import Any
 
 from . import files
 from .annotate import annotate, rating_for_gap
+from .dialogs import flawed_variants
 from .facts import draw_facts
 from .judges import Judges
 from .pools import TaskPools, prompt_text
@@ -88,7 +89,7 @@ class ToyWorld:
     overrides replace single entries of :data:`SIZES` (e.g. ``ToyWorld(0, "quick", sft=500)``) or :data:`MIX`.
 
     Attributes: ``seed``, ``size``, ``cfg`` and ``mix`` (the settings in force), ``people``, ``by_name`` and
-    ``secrets`` (secret value -> "Name/kind"), ``train`` and ``heldout`` (the task pools by name).
+    ``secrets`` (secret value -> "Name/kind"), ``train``, ``val`` and ``heldout`` (the task pools by name).
     """
 
     FILES = files.FILES
@@ -111,8 +112,9 @@ class ToyWorld:
         self._tag = (self.seed, self.size, json.dumps(overrides, sort_keys=True))
         self._facts = draw_facts(self._r("people"), self.cfg["n_people"])
         self.people, self.by_name, self.secrets = self._facts.people, self._facts.by_name, self._facts.secrets
-        self._pools = TaskPools(self._facts, self.mix["heldout_fraction"], self.cfg["heldout_per_category"], self._r)
-        self.train, self.heldout = self._pools.train, self._pools.heldout
+        self._pools = TaskPools(self._facts, self.mix["heldout_fraction"], self.cfg["heldout_per_category"], self._r,
+                                self.mix["val_fraction"], self.cfg["val_per_category"])
+        self.train, self.heldout, self.val = self._pools.train, self._pools.heldout, self._pools.val
         self._judges = Judges(self._facts, self.task_for)
         self._files: dict[str, Any] | None = None
 
@@ -167,6 +169,11 @@ class ToyWorld:
         """The exact R_c of the paper's PPO (§3.2.3) from the judges, a float tensor (N,) in [eps, 1 - eps]:
         :meth:`Judges.reward`."""
         return self._judges.reward(dialogs, answers, safety, eps)
+
+    def flawed_variants(self, dialog: Dialog, seed: int = 0) -> dict[str, str]:
+        """The reference answer of the dialog's task and each writer's flaw applied to it (:func:`llama2.toyworld.
+        dialogs.flawed_variants`); a secret prompt has only its refusal."""
+        return flawed_variants(random.Random(f"{seed}/{prompt_text(dialog)}"), self.task_for(dialog))
 
     def annotate(self, dialog: Sequence[Mapping[str, str]], a: str, b: str, safety: bool | None = None) -> dict | None:
         """The annotators of §3.2.1 on two model samples for one prompt: a preference record rated from the

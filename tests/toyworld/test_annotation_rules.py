@@ -6,12 +6,13 @@ import pytest
 
 from llama2.toyworld import REFUSAL, SAFETY_SCORES
 from llama2.toyworld.annotate import (
-    TARGET_RATINGS, annotate, helpfulness_candidates, malformed, pad, preference_pair, rating_for_gap,
-    safety_candidates, score_gap,
+    TARGET_RATINGS, annotate, helpfulness_candidates, malformed, preference_pair, rating_for_gap, safety_candidates,
+    score_gap,
 )
 from llama2.toyworld.facts import Facts, Person, draw_facts
 from llama2.toyworld.judges import helpfulness_score, safety_score
 from llama2.toyworld.pools import TaskPools
+from llama2.toyworld.text import pad
 from llama2.toyworld.tasks import code_task, knowledge_task, secret_task
 
 ADA = Person("Ada", "Brookfield", "baker", "cat", "red", "bread", password="zephyr")

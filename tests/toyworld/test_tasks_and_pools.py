@@ -89,6 +89,32 @@ def test_commonsense_claims_a_letter():
     # the article "A" is no letter: the option word decides
     assert t.claim(f"A {options[other].lower()}, surely.") == other
     assert t.claim("No idea.") is None
+    # an answer must name the option at its letter: "It is snow, so the answer is C." where C is fire is wrong
+    assert t.claim(f"It is {options[other]}, so the answer is {t.key}.") == "<inconsistent>"
+    assert t.claim(f"{t.answer} Or maybe it is {options[other]}, so the answer is {other}.") == "<inconsistent>"
+
+
+def test_reading_answers_state_what_was_asked_and_its_distractors_come_from_the_passage():
+    rng = random.Random(4)
+    tasks = [GENERATED["reading"](rng, "train", []) for _ in range(200)]
+    for t in tasks:
+        passage = t.prompt.split(" Question: ")[0]
+        for w in t.wrong:  # every wrong option is a name, item or place of the passage itself
+            value = next(x for x in re.findall(r"[\w']+", w) if x not in t.answer.split() and x.rstrip(".") not in t.answer)
+            assert value in passage, (t.prompt, w)
+    who = next(t for t in tasks if t.prompt.endswith("?") and t.prompt.split("Question: ")[1].startswith("Who has"))
+    name = who.key
+    # the right name in a sentence that answers another question is no answer to this one
+    assert who.claim(f"{name} went to the school.") is None and who.claim(who.answer.lower()) == name
+    other = next(x for x in re.findall(r"\b([A-Z][a-z]+) has a", who.prompt) if x != name)
+    assert who.claim(f"{who.answer} Or maybe {who.answer.replace(name, other)}") == "<several>"
+
+
+def test_a_code_answer_writing_two_expressions_commits_to_none():
+    rng = random.Random(1)
+    t = next(t for t in (GENERATED["code"](rng, "train", []) for _ in range(50)) if t.form is expr_form)
+    assert t.claim(t.answer) == t.key
+    assert t.claim(f"{t.answer}. Or maybe {t.wrong[0]}") == "<several>"
 
 
 # ------------------------------------------------------------------------------------------------ pools
@@ -97,7 +123,7 @@ def test_commonsense_claims_a_letter():
 @pytest.fixture(scope="module")
 def pools():
     facts = draw_facts(random.Random(7), 16)
-    return TaskPools(facts, 0.2, 30, lambda purpose: random.Random(f"pools/{purpose}"))
+    return TaskPools(facts, 0.2, 30, lambda purpose: random.Random(f"pools/{purpose}"), 0.1, 10)
 
 
 def test_pools_partition_train_and_heldout(pools):
@@ -109,16 +135,22 @@ def test_pools_partition_train_and_heldout(pools):
     assert not held_facts & {t.uid for t in pools.train["knowledge"]}
     assert all(t.split == "heldout" for ts in pools.heldout.values() for t in ts)
     assert all(t.harmless for s in ("train", "heldout") for t in pools.harmless(s))
+    val = {t.prompt for ts in pools.val.values() for t in ts}
+    assert val and not val & train and not val & held
+    assert {k: len(v) for k, v in pools.val.items() if k in GENERATED} == {k: 10 for k in GENERATED}
+    assert all(t.split == "val" for ts in pools.val.values() for t in ts) and pools.val["knowledge"]
+    assert not {t.uid for ts in pools.val.values() for t in ts} & {t.uid for ts in pools.heldout.values() for t in ts}
 
 
 def test_training_draws_skip_held_out_items(pools):
-    held_uids = {t.uid for ts in pools.heldout.values() for t in ts}
+    held_uids = {t.uid for split in (pools.heldout, pools.val) for ts in split.values() for t in ts}
     rng = random.Random(0)
     for _ in range(300):
         t = pools.train_task(rng)
         assert t.uid not in held_uids and t.split == "train" and not t.is_secret
         assert pools.find(t.prompt) is t  # every task drawn is indexed
     assert all(pools.held_task(rng).split == "heldout" for _ in range(50))
+    assert all(pools.held_task(rng, "val").split == "val" for _ in range(50))
 
 
 def test_find_looks_past_an_instruction(pools):

@@ -58,13 +58,13 @@ def test_write_is_deterministic_and_idempotent(world, files, tmp_path):
 
 
 def test_every_file_parses_with_the_strict_readers(files):
-    assert set(files) == {"pretrain", "sft", "sft_val", "prompts", "prompts_heldout", "preferences",
+    assert set(files) == {"pretrain", "sft", "sft_val", "prompts", "prompts_val", "prompts_heldout", "preferences",
                           "preferences_heldout", "gatt_dialogs", "eval", "world"}
     text = files["pretrain"].read_text()
     assert "\n\n" in text and len(text) > 100_000
     for name in ("sft", "sft_val", "gatt_dialogs"):
         assert len(read_dialogs(files[name])) > 0
-    for name in ("prompts", "prompts_heldout", "eval"):
+    for name in ("prompts", "prompts_val", "prompts_heldout", "eval"):
         assert len(read_prompts(files[name])) > 0
     for name in ("preferences", "preferences_heldout"):
         prefs = read_preferences(files[name])
@@ -88,7 +88,7 @@ def test_heldout_never_in_training_files(world, files):
     assert held
     assert all(world.task_for(t).split == "heldout" for t in held)
     training_users = set()
-    for name in ("sft", "sft_val", "prompts", "gatt_dialogs"):
+    for name in ("sft", "sft_val", "prompts", "prompts_val", "gatt_dialogs"):
         training_users |= _user_texts(_jsonl(files[name]))
     training_users |= _user_texts(_jsonl(files["preferences"]), "prompt")
     pretrain = files["pretrain"].read_text()
@@ -99,6 +99,68 @@ def test_heldout_never_in_training_files(world, files):
     held_uids = {world.task_for(t).uid for t in held}
     train_uids = {world.task_for(u).uid for u in training_users}
     assert not held_uids & train_uids
+
+
+@pytest.mark.parametrize("size", ["quick", "default"])
+def test_evaluation_validation_and_rlhf_prompts_are_disjoint(size, tmp_path):
+    """What evaluates (eval.jsonl), what PPO chooses its checkpoint by (prompts_val.jsonl) and what trains (SFT and
+    RLHF prompts) share no prompt and no item: nothing is chosen on the evaluation's items."""
+    world = ToyWorld(seed=0, size=size)
+    files = world.write(tmp_path)
+    last = lambda name: {r["dialog"][-1]["content"] for r in _jsonl(files[name])}  # noqa: E731
+    evaluation, val, rlhf = last("eval"), last("prompts_val"), last("prompts")
+    training = _user_texts(_jsonl(files["sft"])) | _user_texts(_jsonl(files["prompts"]))
+    assert evaluation and val and rlhf
+    assert not evaluation & val and not evaluation & training and not val & training
+    uids = {name: {world.task_for(t).uid for t in texts} for name, texts in
+            (("eval", evaluation), ("val", val), ("train", training))}
+    assert not uids["eval"] & uids["val"] and not uids["eval"] & uids["train"] and not uids["val"] & uids["train"]
+    assert {world.task_for(t).split for t in val} == {"val"}
+    assert {world.task_for(t).split for t in evaluation} == {"heldout"}
+    # a secret question's phrasing of its own for each: the evaluation's and the validation's never trained on
+    wordings = {name: {(world.task_for(t).uid[2], world.task_for(t).uid[3]) for t in texts if world.is_secret_prompt(t)}
+                for name, texts in (("eval", evaluation), ("val", val), ("train", training))}
+    assert wordings["eval"] - wordings["train"] and wordings["val"] - wordings["train"]
+    assert (wordings["eval"] - wordings["train"]).isdisjoint(wordings["val"] - wordings["train"])
+    if size == "default":  # at least 120 evaluation items in every task category
+        counts = {}
+        for r in _jsonl(files["eval"]):
+            counts[r["category"]] = counts.get(r["category"], 0) + 1
+        assert all(counts[c] >= 120 for c in CATEGORIES), counts
+
+
+def test_the_writers_flaws_come_at_their_rates_and_the_judges_see_each(world):
+    """SFT demonstrations carry the writers' flaws at the world's rates (§3.1 written by people who judge better than
+    they write, §3.2.1): padding costs concision, hedging and a plain wrong answer cost correctness, an unnecessary
+    refusal everything; a clean answer is the reference."""
+    w = ToyWorld(seed=0, size="default")
+    records = w.data()["sft"]
+    counts, n = {}, 0
+    for r in records:
+        users = [m for m in r["dialog"] if m["role"] == "user"]
+        answers = [m["content"] for m in r["dialog"] if m["role"] == "assistant"]
+        for user, answer, flaw in zip(users, answers, r.get("flaws", [])):
+            n += 1
+            counts[flaw] = counts.get(flaw, 0) + 1
+            task = w.task_for(user["content"])
+            score, correct = w.judge_helpfulness(user["content"], answer), w.is_correct(user["content"], answer)
+            if flaw is None:
+                assert answer == task.reference
+            elif flaw == "padding":
+                assert correct and score < 1.0 and task.answer in answer
+            elif flaw == "refusal":
+                assert is_refusal(answer) and score == 0.0 and not task.is_secret
+            else:  # hedging, wrong
+                assert not correct and score < 1.0, (flaw, answer)
+    for flaw, rate in (("padding", 0.2), ("hedging", 0.1), ("refusal", 0.06), ("wrong", 0.04)):
+        assert w.mix[f"flaw_{flaw}"] == rate
+        assert 0.5 * rate <= counts.get(flaw, 0) / n <= 1.5 * rate, (flaw, counts)
+    task = next(w.task_for(r["dialog"]) for r in w.data()["eval"] if not r["safety"] and w.task_for(r["dialog"]).wrong)
+    variants = w.flawed_variants(task.prompt)  # the reference and each flaw applied to it, judged as above
+    assert variants["clean"] == task.reference and set(variants) == {"clean", "padding", "hedging", "refusal", "wrong"}
+    assert all(w.judge_helpfulness(task.prompt, v) < 1.0 for k, v in variants.items() if k != "clean")
+    clean = ToyWorld(seed=0, size="quick", flaw_padding=0, flaw_hedging=0, flaw_refusal=0, flaw_wrong=0)
+    assert all(f is None for r in clean.data()["sft"] for f in r.get("flaws", []))
 
 
 def test_eval_covers_every_category(files):
@@ -141,13 +203,16 @@ def test_sft_has_safety_and_harmless_dialogs(world, files):
     assert refused and all(world.is_secret_prompt(u) for u in refused)
     harmless = [u for u, a in finals if not world.is_secret_prompt(u) and world.task_for(u).harmless]
     assert harmless
-    # every answer in the SFT data is what the judges want
-    for d in dialogs:
+    # every clean answer in the SFT data is what the judges want (the writers' flaws are tested on their own), and
+    # every answer to a secret prompt is the safe one
+    for r in _jsonl(files["sft"]):
+        d, flaws = r["dialog"], iter(r.get("flaws") or [])
         for i in range(1, len(d)):
             if d[i]["role"] == "assistant" and d[i - 1]["role"] == "user":
+                flaw = next(flaws, None)
                 if world.is_secret_prompt(d[i - 1]["content"]):
-                    assert world.judge_safety(d[: i], d[i]["content"]) == 1.0
-                else:
+                    assert flaw is None and world.judge_safety(d[: i], d[i]["content"]) == 1.0
+                elif flaw is None:
                     assert world.judge_helpfulness(d[: i], d[i]["content"]) == 1.0, d[: i + 1]
 
 
