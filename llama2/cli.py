@@ -333,7 +333,7 @@ def cmd_pipeline(args) -> None:
     from .pipeline import run_pipeline
 
     report = run_pipeline(args.out, quick=args.quick, from_stage=args.from_stage, seed=args.seed, device=args.device,
-                          overrides=args.overrides, size=args.size)
+                          overrides=args.overrides, size=args.size, reward=args.reward, oracle=args.oracle)
     print(f"\nreport: {report} (figures in {report.parent / 'report'}, numbers in {report.parent / 'metrics.json'})")
     print(f"chat with the final model: llama2 chat --ckpt {report.parent / 'final'}")
 
@@ -463,6 +463,11 @@ def _add_pipeline(sub, chosen: str | None) -> None:
                         "rejection sampling; reward and rejection are accepted for it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
     p.add_argument("--device", default="cpu", help="device of every stage: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--reward", choices=("models", "judges"), default="models",
+                   help="what scores rejection sampling and PPO: the trained reward models (default), or the world's "
+                        "exact judges (the oracle run: the ceiling of this budget with a perfect reward model)")
+    p.add_argument("--oracle", default=None, metavar="DIR",
+                   help="an oracle run (--reward judges) of the same size and seed: the report compares against it")
     p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE", help="override a stage's field, e.g. ppo.kl_beta=0.02")
 
 

@@ -29,8 +29,7 @@ from .data.prepare import PrepareConfig, prepare
 from .data.records import read_dialogs, read_eval_items, read_objects, read_preferences, read_prompts
 from .eval.gatt import GattEvalConfig, gatt_eval
 from .eval.report import write_report
-from .eval.toyworld import evaluate_chat_model, read_pipeline_marker
-from .eval.winrate import compare_answers, win_rate
+from .eval.toyworld import compare_models, eval_sampling, evaluate_chat_model, read_pipeline_marker, selection_curves
 from .rlhf.reward_model import evaluate_reward
 from .tokenizer import train_tokenizer
 from .toyworld import ToyWorld, pipeline_world
@@ -79,6 +78,17 @@ class Ctx:
     device: str = "cpu"
     overrides: dict[str, list[str]] = field(default_factory=dict)  # stage -> ["field=value", ...]
     paths: dict | None = None
+    reward: str = "models"  # what scores rejection sampling and PPO: the reward models, or the world's judges
+    oracle_run: Path | None = None  # an oracle run of the same size and seed, for the report to compare against
+
+    @property
+    def oracle(self) -> bool:
+        """The oracle run: the exact judges score rejection sampling and PPO (no reward models are trained)."""
+        return self.reward == "judges"
+
+    def judges(self, dialogs, texts, safety, *rest):
+        """The world's exact R_c as a reward function (rejection sampling's and PPO's ``reward_fn``)."""
+        return self.world.reward(dialogs, texts, [bool(x) for x in safety])
 
     def config(self, cls: type, stage: str, **values):
         """A stage's config: the pipeline's values, this run's seed and device, then the user's overrides."""
@@ -150,7 +160,8 @@ def stage_sft(c: Ctx) -> None:
 # Each version: the latest model answers a new slice of the prompts twice per temperature; the world's judges (the
 # annotators) rate pairs of those answers; the reward models are retrained on all preference data so far; rejection
 # sampling draws K answers per new prompt from the latest model, keeps the best (with the best of every earlier
-# version, re-scored), and fine-tunes the SFT model on them. PPO then runs on the last version's model.
+# version, re-scored), and fine-tunes the latest model on them. PPO then runs on the last version's model. In the
+# oracle run (reward: judges) the judges score rejection sampling directly: no pairs, no reward models.
 
 
 def version_dir(c: Ctx, v: int) -> Path:
@@ -274,10 +285,13 @@ def _rejection_version(c: Ctx, v: int) -> None:
     r = dict(c.settings["rejection"])
     temperature = r.pop("temperatures")[v - 1]
     previous = ",".join(str(version_dir(c, u) / "rejection" / "iter_1" / "kept.jsonl") for u in range(1, v))
+    scorer = {} if c.oracle else reward_model_paths(c, v)
+    # samples (and, by default, fine-tunes) the latest model; rejection.finetune_from=base restarts from SFT instead
     _finished(rejection(c.config(RejectionConfig, "rejection", prompts=str(_version_prompts(c, v)),
                                  init_from=str(c.out / "sft"), sample_from=str(latest_model(c, v)), previous=previous,
                                  iterations=1, temperatures=[temperature], out=str(version_dir(c, v) / "rejection"),
-                                 seq_len=c.settings["seq_len"], tensorboard=False, resume=True, **reward_model_paths(c, v), **r)))
+                                 seq_len=c.settings["seq_len"], tensorboard=False, resume=True, **scorer, **r),
+                        reward_fn=c.judges if c.oracle else None))
 
 
 def stage_rlhf(c: Ctx) -> None:
@@ -285,26 +299,34 @@ def stage_rlhf(c: Ctx) -> None:
         vdir = version_dir(c, v)
         if _done(vdir):
             continue
-        _say(f"  RLHF version {v} of {c.settings['versions']}")
-        annotate_samples(c, v)
-        _train_reward_models(c, v)
-        (vdir / "rm_fresh_accuracy.json").write_text(json.dumps(_fresh_accuracy(c, v), indent=2))
+        _say(f"  RLHF version {v} of {c.settings['versions']}" + (" (scored by the judges)" if c.oracle else ""))
+        if not c.oracle:
+            annotate_samples(c, v)
+            _train_reward_models(c, v)
+            (vdir / "rm_fresh_accuracy.json").write_text(json.dumps(_fresh_accuracy(c, v), indent=2))
         _rejection_version(c, v)
         _mark(vdir)
     _mark(c.out / "rlhf")
 
 
 def stage_ppo(c: Ctx) -> None:
-    _finished(ppo(c.config(PPOConfig, "ppo", prompts=c.paths["prompts"], val_prompts=c.paths["prompts_heldout"],
+    """PPO from the last version's model; early stopping and the checkpoint chosen on the validation prompts (never
+    the evaluation's)."""
+    scorer = {} if c.oracle else reward_model_paths(c)
+    _finished(ppo(c.config(PPOConfig, "ppo", prompts=c.paths["prompts"], val_prompts=c.paths["prompts_val"],
                            init_from=str(version_dir(c, c.settings["versions"]) / "rejection"), out=str(c.out / "ppo"),
-                           tensorboard=False, overwrite=True, **reward_model_paths(c),
-                           **c.settings["ppo"])))
+                           tensorboard=False, overwrite=True, **scorer, **c.settings["ppo"]),
+                  reward_fn=c.judges if c.oracle else None))
     _mark(c.out / "ppo")
 
 
 def stage_gatt(c: Ctx) -> None:
-    _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), replay=c.paths["sft"],
-                            reward_model=reward_model_paths(c)["reward_helpfulness"], out=str(c.out / "gatt"), seq_len=c.settings["seq_len"],
+    """GAtt on the PPO model; it replays the last RLHF version's kept answers (a setting of ours: the SFT dialogs the
+    stage replayed before carry the writers' flaws RLHF removed)."""
+    ranker = "" if c.oracle else reward_model_paths(c)["reward_helpfulness"]
+    replay = version_dir(c, c.settings["versions"]) / "rejection" / "iter_1" / "kept.jsonl"
+    _finished(gatt(c.config(GattConfig, "gatt", dialogs=c.paths["gatt_dialogs"], init_from=str(c.out / "ppo"), replay=str(replay),
+                            reward_model=ranker, out=str(c.out / "gatt"), seq_len=c.settings["seq_len"],
                             tensorboard=False, resume=True, **c.settings["gatt"])))
     final = c.out / "final"
     final.mkdir(parents=True, exist_ok=True)
@@ -313,49 +335,70 @@ def stage_gatt(c: Ctx) -> None:
 
 
 def checkpoints(c: Ctx) -> dict[str, Path]:
-    """The chat model after each stage, in the order of the recipe."""
-    out = {"SFT": c.out / "sft"}
-    for v in range(1, c.settings["versions"] + 1):
-        out[f"RS v{v}"] = version_dir(c, v) / "rejection"
-    out["PPO"] = c.out / "ppo"
-    out["GAtt (final)"] = c.out / "final"
+    """The chat models the evaluation compares, in the order of the recipe: SFT, the last RLHF version's
+    rejection-sampling model, PPO (RLHF's result, judged against SFT) and the final model after GAtt."""
+    v = c.settings["versions"]
+    return {"SFT": c.out / "sft", f"RS v{v}": version_dir(c, v) / "rejection", "PPO": c.out / "ppo",
+            "GAtt (final)": c.out / "final"}
+
+
+def _selection_items(items: list, per_category: int) -> list:
+    """The first ``per_category`` evaluation items of each category (and of the secret prompts)."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        key = it.get("category", "")
+        if seen.get(key, 0) < per_category:
+            seen[key] = seen.get(key, 0) + 1
+            out.append(it)
     return out
 
 
 def stage_eval(c: Ctx) -> None:
+    """Every compared model on the evaluation items (sampled answers, common random numbers, paired statistics
+    against SFT), the reward models on held-out pairs, best-of-K selection, GAtt adherence and a sample chat. Nothing
+    here was used to choose anything: the evaluation items are held out from every training and validation file."""
     e = c.settings["eval"]
     d = c.out / "eval"
     d.mkdir(parents=True, exist_ok=True)
-    metrics: dict = {"stages": {}, "reward_models": {}}
+    metrics: dict = {"reward": c.reward, "stages": {}, "reward_models": {}}
     items = read_eval_items(c.paths["eval"])
-    heldout = list(read_prompts(c.paths["prompts_heldout"]))
-    rms = load_reward_models(reward_model_paths(c)["reward_helpfulness"], reward_model_paths(c)["reward_safety"], c.device)
-
-    # reward models: held-out accuracy per rating bucket, each on its own kind's test pairs (Tables 8 and 28)
-    prefs = list(read_preferences(c.paths["preferences_heldout"]))
-    for name, rd in reward_dirs(c).items():
-        kind = rd.name.split("-")[0]
-        metrics["reward_models"][name] = evaluate_reward(str(rd), [p for p in prefs if p.kind == kind], device=c.device)
-
+    sampling = eval_sampling(e["max_new_tokens"], e["temperature"])
+    paths = reward_model_paths(c)
+    rms = {} if c.oracle else load_reward_models(paths["reward_helpfulness"], paths["reward_safety"], c.device)
+    if not c.oracle:  # the reward models: held-out accuracy per rating bucket, each on its own kind (Tables 8, 28)
+        prefs = list(read_preferences(c.paths["preferences_heldout"]))
+        for name, rd in reward_dirs(c).items():
+            kind = rd.name.split("-")[0]
+            metrics["reward_models"][name] = evaluate_reward(str(rd), [p for p in prefs if p.kind == kind], device=c.device)
+        metrics["rm_fresh"] = {f"v{v}": json.loads((version_dir(c, v) / "rm_fresh_accuracy.json").read_text())
+                               for v in range(1, c.settings["versions"] + 1)}
+    val_items = [{"dialog": p.dialog, "safety": p.safety, "category": c.world.task_for(p.dialog).category}
+                 for p in read_prompts(c.paths["prompts_val"])]
+    val: dict = {}
     for stage, ckpt in checkpoints(c).items():
         _say(f"  evaluating {stage}")
         model, tok = load(ckpt, device=c.device)
-        metrics["stages"][stage] = evaluate_chat_model(model, tok, c.world, items, heldout, rms, e["max_new_tokens"], c.seed)
-    # win rates against SFT, judged by the world's judges (the analogue of the paper's human evaluation, §3.4.2)
-    sft_scores = metrics["stages"]["SFT"]["judge_scores"]
-    metrics["winrate"] = {f"{stage} vs SFT": win_rate(compare_answers(m["judge_scores"], sft_scores))
-                          for stage, m in metrics["stages"].items() if stage != "SFT"}
-    metrics["rm_fresh"] = {f"v{v}": json.loads((version_dir(c, v) / "rm_fresh_accuracy.json").read_text())
-                           for v in range(1, c.settings["versions"] + 1)}
+        metrics["stages"][stage] = evaluate_chat_model(model, tok, c.world, items, rms, sampling, e["samples"], c.seed)
+        if stage in ("SFT", "PPO"):  # the validation prompts: what the recipe's settings may be chosen by
+            val[stage] = evaluate_chat_model(model, tok, c.world, val_items, rms, sampling, e["samples"], c.seed)
+        if stage == "SFT" and rms:  # best of K on the SFT model's answers: what the reward models' pick is worth
+            metrics["selection"] = selection_curves(model, tok, c.world, _selection_items(items, e["selection_per_category"]),
+                                                    rms, sampling, e["k_curve"], c.seed)
+    metrics["validation"] = {"PPO vs SFT": compare_models(val_items, val["SFT"], val["PPO"]),
+                             "judge_reward_mean": {k: v["judge_reward_mean"] for k, v in val.items()}}
+    # every model against SFT on the same items, judged by the world's judges (the paper's human evaluation, §3.4.2)
+    sft = metrics["stages"]["SFT"]
+    metrics["compare"] = {f"{stage} vs SFT": compare_models(items, sft, m) for stage, m in metrics["stages"].items()
+                          if stage != "SFT"}
     metrics["rs_selection"] = {f"v{v}": rs_selection(c, version_dir(c, v) / "rejection" / "iter_1" / "samples.jsonl")
                                for v in range(1, c.settings["versions"] + 1)}
     metrics["ppo"] = [{k: r[k] for k in PPO_CURVES if k in r} for r in read_objects(c.out / "ppo" / "metrics.jsonl", missing_ok=True)]
-    # best-of-K against K from the rejection-sampling iterations (Figure 7's shape)
-    metrics["best_of_k"] = {}
+    metrics["best_of_k"] = {}  # best-of-K against K in the rejection-sampling iterations, under their scorer
     for v in range(1, c.settings["versions"] + 1):
         st = json.loads((version_dir(c, v) / "rejection" / "iter_1" / "stats.json").read_text())
         metrics["best_of_k"][f"RS v{v} (T={st['temperature']})"] = st["best_of_k_curve"]
-    # GAtt: adherence per turn with and without it (Figure 28's comparison)
+    # GAtt: recall of the instruction turn by turn, with and without it (Table 30's measure, over 20 turns)
     metrics["gatt"] = gatt_eval(GattEvalConfig(ckpts=[str(c.out / "ppo"), str(c.out / "final")], names=["without GAtt", "with GAtt"],
                                                dialogs=c.paths["gatt_dialogs"], out=str(d / "gatt"), n=e["gatt_probes"],
                                                turns=e["gatt_turns"], seed=c.seed, device=c.device))
@@ -365,7 +408,7 @@ def stage_eval(c: Ctx) -> None:
 
 
 PPO_CURVES = ("step", "reward", "score_std", "kl", "clip_fraction", "entropy", "explained_variance", "adv_reward_corr",
-              "heldout_reward")
+              "adv_reward_corr_safety", "adv_reward_corr_other", "heldout_reward")
 
 
 def rs_selection(c: Ctx, samples: Path) -> dict:
@@ -397,7 +440,7 @@ def _sample_chat(c: Ctx, items: list[dict], max_new_tokens: int) -> list[dict]:
 
 
 def stage_report(c: Ctx) -> None:
-    write_report(c.out)
+    write_report(c.out, c.oracle_run)
     _mark(c.out / "report")
 
 
@@ -426,14 +469,22 @@ def parse_overrides(items: list[str]) -> dict[str, list[str]]:
 
 
 def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: str | None = None, seed: int = 0,
-                 device: str = "cpu", overrides: list[str] | None = None, size: str | None = None) -> Path:
+                 device: str = "cpu", overrides: list[str] | None = None, size: str | None = None,
+                 reward: str = "models", oracle: str | Path | None = None) -> Path:
     """Run (or resume) the whole recipe; returns the path of report.md. ``size``: quick, default, large or a YAML
     file of a size's settings (``quick`` is size="quick"); ``from_stage``: redo this stage (or the stage an alias
-    names) and every later one; ``overrides``: STAGE.FIELD=VALUE items."""
+    names) and every later one; ``overrides``: STAGE.FIELD=VALUE items; ``reward``: what scores rejection sampling
+    and PPO, the trained reward models ("models") or the world's exact judges ("judges": the oracle run, the ceiling
+    of what this budget can do with a perfect reward model); ``oracle``: such a run's output directory, for the
+    report to compare against (its accuracy rule reads which categories the oracle raises)."""
     from_stage = ALIASES.get(from_stage, from_stage)
     if from_stage and from_stage not in STAGES:
         raise ValueError(f"--from {from_stage!r}: expected one of {', '.join(STAGES + tuple(ALIASES))}")
-    c = _start(Path(out), quick, size, seed, device, parse_overrides(list(overrides or [])))
+    if reward not in ("models", "judges"):
+        raise ValueError(f"--reward {reward!r}: expected models or judges")
+    c = _start(Path(out), quick, size, seed, device, parse_overrides(list(overrides or [])), reward)
+    if oracle is not None:
+        c.oracle_run = _checked_oracle(Path(oracle), c)
     for name in STAGES[STAGES.index(from_stage):] if from_stage else ():  # redo this stage and every later one
         shutil.rmtree(c.out / DIRS[name], ignore_errors=True)
         if name == "gatt":
@@ -458,9 +509,10 @@ def run_pipeline(out: str | Path = "runs/toy", quick: bool = False, from_stage: 
     return c.out / "report.md"
 
 
-def _start(out: Path, quick: bool, size: str | None, seed: int, device: str, overrides: dict[str, list[str]]) -> Ctx:
-    """The run's context, after checking that ``out`` holds nothing but a run of this size and seed (and writing
-    its marker, pipeline.json)."""
+def _start(out: Path, quick: bool, size: str | None, seed: int, device: str, overrides: dict[str, list[str]],
+           reward: str = "models") -> Ctx:
+    """The run's context, after checking that ``out`` holds nothing but a run of this size, seed and reward (and
+    writing its marker, pipeline.json)."""
     if quick and size not in (None, "quick"):
         raise ValueError(f"--quick and --size {size} disagree; give one of them")
     size = size or ("quick" if quick else "default")
@@ -471,16 +523,30 @@ def _start(out: Path, quick: bool, size: str | None, seed: int, device: str, ove
     marker = out / "pipeline.json"
     if marker.is_file():
         prev = read_pipeline_marker(marker)
-        if prev.get("size") != size or prev.get("seed") != seed:
-            raise ValueError(f"{out} holds a {prev.get('size')} run with seed {prev.get('seed')}; use another --out "
-                             f"(or delete it) for a {size} run with seed {seed}")
+        if prev.get("size") != size or prev.get("seed") != seed or prev.get("reward", "models") != reward:
+            raise ValueError(f"{out} holds a {prev.get('size')} run with seed {prev.get('seed')} scored by "
+                             f"{prev.get('reward', 'models')}; use another --out (or delete it) for a {size} run with "
+                             f"seed {seed} scored by {reward}")
         if prev.get("overrides", {}) != overrides:
             _say(f"note: {out} was started with overrides {prev.get('overrides', {})}; finished stages keep them "
                  "(use --from STAGE to redo a stage with the new ones)")
     marker.write_text(json.dumps({"size": size, "seed": seed, "device": device, "overrides": overrides,
-                                  "stages": list(STAGES)}))
+                                  "reward": reward, "stages": list(STAGES)}))
     return Ctx(out, size, seed, settings, world=pipeline_world(seed, settings["world"]), device=device,
-               overrides=overrides)
+               overrides=overrides, reward=reward)
+
+
+def _checked_oracle(path: Path, c: Ctx) -> Path:
+    """An oracle run to compare against: finished, of the same size and seed, scored by the judges."""
+    marker = path / "pipeline.json"
+    if not (path / "metrics.json").is_file() or not marker.is_file():
+        raise ValueError(f"--oracle {path}: not a finished pipeline run (no metrics.json); run `llama2 pipeline "
+                         f"--reward judges --out {path}` first")
+    meta = read_pipeline_marker(marker)
+    if (meta.get("size"), meta.get("seed"), meta.get("reward")) != (c.size, c.seed, "judges"):
+        raise ValueError(f"--oracle {path}: a {meta.get('size')} run with seed {meta.get('seed')} scored by "
+                         f"{meta.get('reward', 'models')}; expected a {c.size} run with seed {c.seed} scored by judges")
+    return path
 
 
 def _eta(s: dict, remaining: list[str], elapsed: float, ran_expected: float) -> str:

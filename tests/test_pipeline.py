@@ -23,19 +23,28 @@ def test_quick_run_writes_every_stage_and_the_report(run):
         assert (out / d / "DONE").is_file(), d
     text = report.read_text()
     m = json.loads((out / "metrics.json").read_text())
-    assert len(m["effects"]) == 6 and all(isinstance(e["holds"], bool) for e in m["effects"])
+    assert len(m["effects"]) == 8 and all(isinstance(e["holds"], bool) for e in m["effects"])
     for e in m["effects"]:  # each effect is stated plainly, yes or NO, with its numbers
         assert e["claim"] in text and e["detail"] in text
     assert set(m["reward_models"]) == {"helpfulness RM (no margin)", "helpfulness RM (margin)", "safety RM (no margin)",
                                        "safety RM (margin)"}
-    assert list(m["stages"]) == ["SFT", "RS v1", "RS v2", "PPO", "GAtt (final)"]
-    assert set(m["winrate"]) == {"RS v1 vs SFT", "RS v2 vs SFT", "PPO vs SFT", "GAtt (final) vs SFT"}
-    for r in m["winrate"].values():
-        assert r["win"] + r["tie"] + r["loss"] == r["n"] == len(m["stages"]["SFT"]["judge_scores"])
-        assert r["low95"] <= r["rate"] <= r["high95"]
+    assert list(m["stages"]) == ["SFT", "RS v2", "PPO", "GAtt (final)"]
+    assert set(m["compare"]) == {"RS v2 vs SFT", "PPO vs SFT", "GAtt (final) vs SFT"}
+    n_items = len((out / "world" / "eval.jsonl").read_text().splitlines())
+    for c in m["compare"].values():  # every model answered every item twice, compared answer for answer
+        h = c["head_to_head"]
+        assert h["win"] + h["tie"] + h["loss"] == h["answers"] == 2 * n_items and h["n"] == n_items
+        assert h["low95"] <= h["rate"] <= h["high95"]
+        assert c["helpfulness"]["n"] > 0 and set(c["accuracy"]) == {"knowledge", "reading", "math", "commonsense", "code"}
+    sel = m["selection"]
+    assert sel["k"] == 4 and all(a <= b + 1e-9 for a, b in zip(sel["judge_of_rm_pick"], sel["judge_max"]))
+    assert all(a <= b + 1e-9 for a, b in zip(sel["judge_max"], sel["judge_max"][1:]))  # the oracle's max only grows
     assert set(m["rm_fresh"]) == {"v1", "v2"} and any("RM v1" in k for k in m["rm_fresh"]["v2"])  # v1's RMs on v2's pairs
     assert set(m["rs_selection"]) == {"v1", "v2"} and 0 <= m["rs_selection"]["v1"]["pass_at_k"] <= 1
-    assert m["ppo"] and {"reward", "kl", "clip_fraction", "entropy", "explained_variance"} <= set(m["ppo"][0])
+    assert m["ppo"] and {"reward", "kl", "clip_fraction", "entropy", "explained_variance", "adv_reward_corr_safety",
+                         "adv_reward_corr_other"} <= set(m["ppo"][0])
+    # PPO chose its checkpoint on the validation prompts, never the evaluation's
+    assert json.loads((out / "ppo" / "ppo_config.json").read_text())["val_prompts"] == str(out / "world" / "prompts_val.jsonl")
     # each version annotated the latest model's answers to new prompts: the versions split the world's prompts
     p1 = (out / "rlhf" / "v1" / "prompts.jsonl").read_text().splitlines()
     p2 = (out / "rlhf" / "v2" / "prompts.jsonl").read_text().splitlines()
@@ -137,3 +146,30 @@ def test_a_size_file_is_checked_and_named_in_its_errors(tmp_path):
             size_settings(str(mine))
     with pytest.raises(ValueError, match="no such file"):
         size_settings("tiny")
+
+
+def test_the_oracle_run_scores_with_the_judges_and_the_report_compares_against_it(run, tmp_path):
+    """`--reward judges`: rejection sampling and PPO scored by the world's exact judges (no reward models trained);
+    a run's report then reads the oracle's comparison (`--oracle DIR`)."""
+    out, _, _ = run
+    oracle = tmp_path / "oracle"
+    run_pipeline(oracle, quick=True, reward="judges")
+    assert not (oracle / "rlhf" / "v1" / "reward").exists() and (oracle / "rlhf" / "v2" / "DONE").is_file()
+    om = json.loads((oracle / "metrics.json").read_text())
+    assert om["reward"] == "judges" and not om["reward_models"] and "selection" not in om
+    kept = [json.loads(x) for x in (oracle / "rlhf" / "v1" / "rejection" / "iter_1" / "kept.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in (oracle / "rlhf" / "v1" / "rejection" / "iter_1" / "samples.jsonl").read_text().splitlines()]
+    from llama2.pipeline import size_settings
+    from llama2.toyworld import pipeline_world
+
+    world = pipeline_world(0, size_settings("quick")["world"])
+    s = samples[0]
+    judged = world.reward([s["prompt"]] * len(s["samples"]), [x["text"] for x in s["samples"]]).tolist()
+    assert [x["score"] for x in s["samples"]] == pytest.approx(judged)  # the judges scored the samples
+    assert kept and all(0 < r["score"] < 1 for r in kept)
+    with pytest.raises(ValueError, match="scored by models"):
+        run_pipeline(out, quick=True, oracle=out)  # a run scored by reward models is no oracle
+    run_pipeline(out, quick=True, from_stage="report", oracle=oracle)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["oracle"]["run"] == str(oracle) and "the oracle:" in m["effects"][5]["detail"]
+    assert "The oracle" in (out / "report.md").read_text()

@@ -31,22 +31,27 @@ def plot_loss_curves(curves: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_rewards(stages: dict[str, dict], best_of_k: dict[str, list[float]], path: Path,
-                 key: str = "rm_score", xlabel: str = "reward model score (R_c, raw: before the sigmoid)") -> None:
-    """Figure 20's shape (the reward distribution of held-out prompts' answers per stage) beside Figure 7's (the
-    best-of-K reward of rejection sampling). Raw scores by default: after a sigmoid, confident scores all pile up
-    at 1 and the histogram says nothing."""
+def plot_rewards(stages: dict[str, dict], selection: dict | None, best_of_k: dict[str, list[float]], path: Path) -> None:
+    """Figure 20's shape (the distribution of the evaluation answers' reward per stage: the reward models', or the
+    judges' where there are none) beside Figure 7's (best of K: the reward models' max and median reward among K
+    answers, and what the judges give the reward models' pick and their own; or rejection sampling's curves)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    values = [x for s in stages.values() for x in s.get(key, [])]
-    value_range = (min(values), max(values)) if values else None
+    key = "rm" if all("rm" in s.get("per_item", {}) for s in stages.values()) else "judge"
     for stage, s in stages.items():
-        axes[0].hist(s.get(key, []), bins=20, range=value_range, histtype="step", label=stage, density=True)
-    axes[0].set_title("reward of held-out prompts' answers")
-    axes[0].set_xlabel(xlabel)
+        values = [x for item in s.get("per_item", {}).get(key, []) for x in item]
+        axes[0].hist(values, bins=20, range=(0, 1), histtype="step", label=stage, density=True)
+    axes[0].set_title("reward of the evaluation answers")
+    axes[0].set_xlabel("R_c (after the sigmoid)" + (", reward models" if key == "rm" else ", the judges"))
     axes[0].legend(fontsize=7)
-    for name, curve in best_of_k.items():
-        axes[1].plot(range(1, len(curve) + 1), curve, "o-", label=name)
-    axes[1].set_title("best-of-K reward (rejection sampling)")
+    if selection:
+        for name, label in (("rm_max", "RM reward, max"), ("rm_median", "RM reward, median"),
+                            ("judge_of_rm_pick", "judges, RM pick"), ("judge_max", "judges, best (oracle)")):
+            axes[1].plot(selection["n"], selection[name], "o-", label=label)
+        axes[1].set_title("best of K (SFT answers, held-out items)")
+    else:
+        for name, curve in best_of_k.items():
+            axes[1].plot(range(1, len(curve) + 1), curve, "o-", label=name)
+        axes[1].set_title("best-of-K reward (rejection sampling)")
     axes[1].set_xlabel("K samples")
     axes[1].legend(fontsize=7)
     _save(fig, path)
@@ -88,7 +93,7 @@ def plot_winrates(winrate: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(names)))
     left = [0.0] * len(names)
     for part, colour in (("win", "tab:green"), ("tie", "lightgrey"), ("loss", "tab:red")):
-        widths = [winrate[n][part] / winrate[n]["n"] for n in names]
+        widths = [winrate[n][part] / winrate[n].get("answers", winrate[n]["n"]) for n in names]
         ax.barh(names, widths, left=left, color=colour, label=part)
         left = [a + b for a, b in zip(left, widths)]
     for i, n in enumerate(names):
@@ -97,7 +102,7 @@ def plot_winrates(winrate: dict[str, dict], path: Path) -> None:
                     capsize=3)
     ax.axvline(0.5, color="black", lw=0.8, ls=":")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("share of held-out prompts (dot: win rate with its 95% interval)")
+    ax.set_xlabel("share of the answers to held-out items (dot: win rate with its 95% interval)")
     ax.set_title("judged against the SFT model")
     ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)

@@ -179,6 +179,7 @@ class Rollouts:
     mask: torch.Tensor  # (B, L - 1) 1 where the *target* (the next token) is an answer token
     score: torch.Tensor  # (B,) LOGIT(R_c), raw-score units
     old_lp: torch.Tensor | None = None  # (B, L - 1) the sampler's log-probs of the answer tokens (0 elsewhere)
+    safety: torch.Tensor | None = None  # (B,) bool: the prompt is tagged safety (judged by the safety model)
 
     @property
     def r_c(self) -> torch.Tensor:
@@ -213,7 +214,7 @@ def _rollouts(cfg: PPOConfig, m: Models, prompts, seed: int, reward_fn: RewardFn
         if old_lp is not None:
             old_lp[i, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(comps[i][0].logprobs)
     dev = m.session.d.device
-    return Rollouts(padded.tokens.to(dev), mask.to(dev), score, None if old_lp is None else old_lp.to(dev))
+    return Rollouts(padded.tokens.to(dev), mask.to(dev), score, None if old_lp is None else old_lp.to(dev), safety)
 
 
 def _logprobs(model, tokens, mask, autocast, entropy: bool = False):
@@ -279,10 +280,21 @@ def _advantages(cfg: PPOConfig, m: Models, ro: Rollouts) -> dict:
     adv = masked_whiten(w["advantages"], ro.mask)
     kl = kl_penalty(old_lp, ref_lp, ro.mask).sum(1).mean()  # per answer
     per_answer = masked_mean(w["advantages"], ro.mask, dim=1)  # what the policy gradient pushes each answer by
-    corr = (torch.corrcoef(torch.stack([per_answer, ro.score.to(adv.device)]))[0, 1]
-            if len(ro.score) > 1 else torch.tensor(float("nan")))
+    score = ro.score.to(adv.device)
+    kinds = {"adv_reward_corr": torch.ones_like(score, dtype=torch.bool)}
+    if ro.safety is not None:  # by prompt kind: on safety prompts the value model (a helpfulness RM at the start)
+        safety = ro.safety.to(adv.device).bool()  # meets the safety model's scale
+        kinds.update(adv_reward_corr_safety=safety, adv_reward_corr_other=~safety)
+    corr = {name: _corr(per_answer[sel], score[sel]) for name, sel in kinds.items()}
     return {"old_lp": old_lp, "old_v": w["values"], "adv": adv, "returns": w["returns"], "scale": scale, "kl": float(kl),
-            "explained_variance": explained_variance(w["values"], w["returns"], ro.mask), "adv_reward_corr": float(corr)}
+            "explained_variance": explained_variance(w["values"], w["returns"], ro.mask), **corr}
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's correlation; nan with fewer than three points or no spread."""
+    if len(x) < 3 or float(x.std()) == 0 or float(y.std()) == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
 
 
 def _update(cfg: PPOConfig, m: Models, ro: Rollouts, a: dict, seed: int) -> dict:
@@ -397,7 +409,7 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
                 "score_std": a["scale"][1], "kl": d.all_mean(a["kl"]),
                 "answer_tokens": d.all_mean(float(ro.mask.sum(1).mean())),
                 "explained_variance": d.all_mean(a["explained_variance"]),
-                "adv_reward_corr": d.all_mean(a["adv_reward_corr"]), **stats}  # stats: already over all ranks
+                **{k: d.all_mean(a[k]) for k in a if k.startswith("adv_reward_corr")}, **stats}  # stats: over all ranks
 
     def evaluate(done: int) -> dict:
         score = heldout_reward()

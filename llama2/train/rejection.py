@@ -14,10 +14,15 @@ only, it judges every answer.
 
 Fine-tuning: each iteration runs the SFT stage (:func:`llama2.train.sft.sft`) with this stage's ``finetune`` and
 ``optim`` groups on the kept set, written here as a dialogs file: the paper's rejection sampling *is* SFT on
-selected samples. It starts from the base model (``init_from``, the SFT model) every iteration, as the paper
-restarts each RLHF version's fine-tuning from the base model; ``finetune_from=latest`` instead continues from
-the previous iteration's model (each iteration then trains on top of the last, which compounds its errors).
-Sampling always uses the newest model.
+selected samples. By default it fine-tunes the model that sampled (``finetune_from=latest``), as the paper's
+versions build on the latest model: "we fine-tune our model on the new set of ranked samples", and from RLHF-V4 on
+"we sequentially combined them, applying PPO on top of the resulted Rejection Sampling checkpoint before sampling
+again" (§3.2.3). ``finetune_from=base`` restarts every iteration from ``init_from`` instead: our option (the paper
+does not restart), which keeps one iteration's errors from compounding into the next. Sampling always uses the
+newest model.
+
+The scorer is the reward models, or any function of (dialogs, answers, is-safety) giving R_c in (0, 1) (the
+world's judges, for the pipeline's oracle run: ``rejection(cfg, reward_fn=...)``).
 
 Output: ``OUT/iter_N/`` holds samples.jsonl (every sample with its scores), kept.jsonl (the kept dialogs, the
 SFT input), stats.json (reward statistics, best-of-K curve) and model/ (the checkpoint); ``OUT`` itself holds the
@@ -31,6 +36,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
 
@@ -49,7 +55,7 @@ from ..dist import Dist, init_distributed
 from .sft import SFTConfig, sft
 from .state import RunLock, prepare_out, publish
 
-__all__ = ["RejectionConfig", "rejection", "sample_and_score", "load_reward_models"]
+__all__ = ["RejectionConfig", "rejection", "sample_and_score", "load_reward_models", "RewardFn"]
 
 
 @stage_config
@@ -57,10 +63,11 @@ class RejectionConfig:
     prompts: str = ""
     """Prompts JSONL ({"dialog": [... ending with a user turn], "safety": bool}); several files comma-separated."""
     init_from: str = ""
-    """The base model: an SFT/chat checkpoint; fine-tuning starts from it (finetune_from=base)."""
+    """The base model (e.g. SFT): the first iteration samples from it unless sample_from is given; finetune_from=base
+    fine-tunes it every iteration."""
     sample_from: str = ""
-    """The model the first iteration samples from (default: init_from); later iterations sample their predecessor's
-    model. An RLHF version samples the latest model but fine-tunes the base one (§3.2.1, §3.2.3)."""
+    """The model the first iteration samples from (default: init_from), e.g. the latest model of an RLHF version;
+    later iterations sample their predecessor's model. finetune_from=latest fine-tunes the model that sampled."""
     previous: str = ""
     """Kept sets of earlier runs (kept.jsonl, comma-separated): their answers compete with this run's samples for
     their prompts (the paper keeps "top-performing samples from all prior iterations"), re-scored by this run's
@@ -76,9 +83,9 @@ class RejectionConfig:
     temperatures: list[float] = field(default_factory=list)
     """Per-iteration temperatures (e.g. 1.0,1.2): the best temperature moves as the model changes (Figure 8);
     iterations without an entry use `temperature`."""
-    finetune_from: str = "base"
-    """base: every iteration fine-tunes init_from (the SFT model) on the kept set, as the paper restarts from the
-    base model each version; latest: it continues from the previous iteration's model."""
+    finetune_from: str = "latest"
+    """latest (the paper's reading): each iteration fine-tunes the model that sampled it; base (our option): every
+    iteration fine-tunes init_from afresh on the kept set."""
     safety_threshold: float = SAFETY_THRESHOLD
     """Answers with a safety score (after the sigmoid) below this are judged on safety (the paper's 0.15)."""
     sampling: StageSampling = group(StageSampling, temperature=1.0, top_p=1.0, max_new_tokens=128, gen_batch=8)
@@ -100,8 +107,21 @@ def load_reward_models(helpfulness: str, safety: str, device, dtype=None) -> dic
             for kind, path in (("helpfulness", helpfulness), ("safety", safety)) if path}
 
 
+RewardFn = Callable[[list, list, torch.Tensor], torch.Tensor]
+"""(dialogs, answer texts, is_safety (N,) bool) -> R_c in (0, 1), shape (N,): a scorer in place of the reward models."""
+
+
+def _scores(rms: dict, reward_fn: RewardFn | None, dialogs, texts, safety: torch.Tensor, threshold: float) -> dict:
+    """{"combined", "helpfulness", "safety"} after the sigmoid (each (N,), the last two None without their model)."""
+    if reward_fn is not None:
+        return {"combined": torch.as_tensor(reward_fn(dialogs, texts, safety)).float(), "helpfulness": None,
+                "safety": None}
+    scores = score_with_reward_models(rms, dialogs, texts, safety, threshold)
+    return {k: None if v is None else to_unit(v) for k, v in scores.items()}
+
+
 def sample_and_score(policy, tokenizer, prompts, rms: dict, cfg: RejectionConfig, temperature: float, seed: int,
-                     desc: str = "sampling", show: bool = True) -> list[dict]:
+                     desc: str = "sampling", show: bool = True, reward_fn: RewardFn | None = None) -> list[dict]:
     """K answers per prompt from ``policy`` with their reward scores: one dict per prompt, {"id", "samples":
     [{"text", "score", "helpfulness", "safety"}, ...]} (scores after the sigmoid). ``prompts``: (id, Prompt) pairs."""
     sampling = dataclasses.replace(cfg.sampling, temperature=temperature)
@@ -110,8 +130,7 @@ def sample_and_score(policy, tokenizer, prompts, rms: dict, cfg: RejectionConfig
     texts = [c.text.strip() for row in comps for c in row]
     dialogs = [p.dialog for _, p in prompts for _ in range(cfg.k)]
     safety = torch.tensor([p.safety for _, p in prompts for _ in range(cfg.k)])
-    scores = score_with_reward_models(rms, dialogs, texts, safety, cfg.safety_threshold)
-    unit = {k: None if v is None else to_unit(v) for k, v in scores.items()}
+    unit = _scores(rms, reward_fn, dialogs, texts, safety, cfg.safety_threshold)
     out = []
     for j, (pid, _) in enumerate(prompts):
         out.append({"id": pid, "samples": [
@@ -136,7 +155,8 @@ def _iteration_stats(it: int, temperature: float, cfg: RejectionConfig, results:
     }
 
 
-def _previous_answers(cfg: RejectionConfig, prompts: list, rms: dict) -> dict[int, tuple[float, str]]:
+def _previous_answers(cfg: RejectionConfig, prompts: list, rms: dict,
+                      reward_fn: RewardFn | None = None) -> dict[int, tuple[float, str]]:
     """The kept answers of earlier runs, re-scored with this run's reward models: {prompt id: (score, answer)}.
     A prompt not among this run's prompts is appended to ``prompts`` (it is kept, not sampled again)."""
     if not cfg.previous:
@@ -157,7 +177,7 @@ def _previous_answers(cfg: RejectionConfig, prompts: list, rms: dict) -> dict[in
         return {}
     dialogs = [prompts[i][1].dialog for i, _ in found]
     safety = torch.tensor([prompts[i][1].safety for i, _ in found])
-    score = to_unit(score_with_reward_models(rms, dialogs, [a for _, a in found], safety, cfg.safety_threshold)["combined"])
+    score = _scores(rms, reward_fn, dialogs, [a for _, a in found], safety, cfg.safety_threshold)["combined"]
     return keep_best_across_iterations({}, {i: [(float(sc), a)] for (i, a), sc in zip(found, score)})
 
 
@@ -173,13 +193,14 @@ def _write_iteration(it_dir: Path, prompts: list, results: list[dict], best: dic
 
 
 def _sample_iteration(cfg: RejectionConfig, d: Dist, prompts: list, n_sampled: int, rms: dict, policy_path: str,
-                      it: int, temperature: float, best: dict) -> tuple[dict, dict]:
+                      it: int, temperature: float, best: dict, reward_fn: RewardFn | None) -> tuple[dict, dict]:
     """Sample K answers for each of the first ``n_sampled`` prompts from the newest policy (this rank's share), keep
     the best per prompt across this and all earlier iterations; returns (stats, best)."""
     t0 = time.perf_counter()
     policy, tokenizer = load(policy_path, device=d.device)
     results = sample_and_score(policy, tokenizer, prompts[:n_sampled][d.rank :: d.world], rms, cfg, temperature,
-                               seed=derive_seed(cfg.run.seed, "rejection", it, d.rank), desc=f"iteration {it}: sampling", show=d.main)
+                               seed=derive_seed(cfg.run.seed, "rejection", it, d.rank), desc=f"iteration {it}: sampling",
+                               show=d.main, reward_fn=reward_fn)
     del policy
     if d.world > 1:
         gathered = [None] * d.world
@@ -200,12 +221,13 @@ def _sample_iteration(cfg: RejectionConfig, d: Dist, prompts: list, n_sampled: i
     return stats, best
 
 
-def rejection(cfg: RejectionConfig) -> dict:
+def rejection(cfg: RejectionConfig, reward_fn: RewardFn | None = None) -> dict:
+    """Run the iterations; ``reward_fn`` scores in place of the reward models (the exact judges of an oracle run)."""
     d = init_distributed(cfg.run.strategy, cfg.run.device)
     out = Path(cfg.run.out)
     if not cfg.prompts or not cfg.init_from:
         raise ValueError("give prompts=PROMPTS.jsonl and init_from=CHECKPOINT")
-    if not (cfg.reward_helpfulness or cfg.reward_safety):
+    if reward_fn is None and not (cfg.reward_helpfulness or cfg.reward_safety):
         raise ValueError("give reward_helpfulness=RM (and optionally reward_safety=RM)")
     prompts = list(enumerate(read_prompts(split_paths(cfg.prompts))))
     if not prompts:
@@ -214,18 +236,18 @@ def rejection(cfg: RejectionConfig) -> dict:
         if d.main:  # a finished iteration is reused only when resuming; overwrite removes the iterations too
             prepare_out(out, resume=cfg.run.resume, overwrite=cfg.run.overwrite, say=d.say, own=("iter_*",))
         d.barrier()
-        return _rejection(cfg, d, out, prompts)
+        return _rejection(cfg, d, out, prompts, reward_fn)
 
 
-def _rejection(cfg: RejectionConfig, d: Dist, out: Path, prompts: list) -> dict:
+def _rejection(cfg: RejectionConfig, d: Dist, out: Path, prompts: list, reward_fn: RewardFn | None) -> dict:
     n_sampled = len(prompts)  # earlier runs' prompts are appended after these: kept, not sampled
-    rms = load_reward_models(cfg.reward_helpfulness, cfg.reward_safety, d.device)
+    rms = {} if reward_fn is not None else load_reward_models(cfg.reward_helpfulness, cfg.reward_safety, d.device)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rejection_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     policy_path = cfg.sample_from or cfg.init_from
-    best = _previous_answers(cfg, prompts, rms)  # prompt id -> (score, answer): the best of all iterations so far
+    best = _previous_answers(cfg, prompts, rms, reward_fn)  # prompt id -> (score, answer): the best so far
     history = []
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iter_{it}"
@@ -239,7 +261,7 @@ def _rejection(cfg: RejectionConfig, d: Dist, out: Path, prompts: list) -> dict:
             policy_path = str(it_dir / "model")
             d.say(f"rejection: iteration {it} already done ({it_dir}), skipped")
             continue
-        stats, best = _sample_iteration(cfg, d, prompts, n_sampled, rms, policy_path, it, temperature, best)
+        stats, best = _sample_iteration(cfg, d, prompts, n_sampled, rms, policy_path, it, temperature, best, reward_fn)
         # -- fine-tune on the kept set with the SFT loss, from the base model (or the newest) -------------------------
         start = cfg.init_from if cfg.finetune_from == "base" else policy_path
         r = sft(SFTConfig(data=str(it_dir / "kept.jsonl"), val_fraction=0, init_from=start, batch=cfg.finetune,

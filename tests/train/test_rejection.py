@@ -50,10 +50,11 @@ def test_keeps_the_best_of_all_iterations_and_fine_tunes(setup):
         assert stats["best_of_k_curve"][0] == pytest.approx(stats["mean_reward"], abs=1e-5)
         assert stats["best_of_k_curve"][-1] == pytest.approx(stats["mean_best_of_k"], abs=1e-5)
         assert (d / "model" / "llama2.json").is_file()
-    # each iteration fine-tuned the base model (§3.2.3 restarts from it), sampling from the newest; OUT holds the last
-    for it in (1, 2):
+    # each iteration fine-tuned the model that sampled it (the paper's versions build on the latest model); OUT
+    # holds the last
+    for it, start in ((1, tmp / "policy"), (2, tmp / "rs" / "iter_1" / "model")):
         started = json.loads((tmp / "rs" / f"iter_{it}" / "model" / "sft_config.json").read_text())["init_from"]
-        assert started == str(tmp / "policy")
+        assert started == str(start)
     a = Llama.from_pretrained(tmp / "rs" / "iter_2" / "model").model.state_dict()
     b = Llama.from_pretrained(tmp / "rs").model.state_dict()
     c = Llama.from_pretrained(tmp / "rs" / "iter_1" / "model").model.state_dict()
@@ -69,11 +70,10 @@ def test_keeps_the_best_of_all_iterations_and_fine_tunes(setup):
     (tmp / "rs" / "iter_2" / "marker").write_text("old")
     rejection(replace(cfg, overwrite=True))
     assert not (tmp / "rs" / "iter_2" / "marker").exists() and (tmp / "rs" / "iter_2" / "stats.json").is_file()
-    # the other choice: each iteration continues from the previous iteration's model
-
-    rejection(replace(cfg, finetune_from="latest", out=str(tmp / "rs2"), iterations=2))
+    # our option: every iteration fine-tunes the base model afresh (sampling still from the newest)
+    rejection(replace(cfg, finetune_from="base", out=str(tmp / "rs2"), iterations=2))
     started = json.loads((tmp / "rs2" / "iter_2" / "model" / "sft_config.json").read_text())["init_from"]
-    assert started == str(tmp / "rs2" / "iter_1" / "model")
+    assert started == str(tmp / "policy")
 
 
 def test_bad_settings(setup):
@@ -88,14 +88,14 @@ def test_bad_settings(setup):
 
 def test_a_later_version_samples_new_prompts_and_keeps_the_earlier_best(setup, write_prompts):
     """RLHF versions: version 2 samples its own (new) prompts from the newest model, while the answers kept by
-    version 1 stay in the kept set, re-scored by version 2's reward model; fine-tuning starts from the base model."""
+    version 1 stay in the kept set, re-scored by version 2's reward model."""
     from dataclasses import replace
 
     cfg, tmp = setup
     v1 = replace(cfg, iterations=1, out=str(tmp / "v1"))
     rejection(v1)
     new = write_prompts(tmp / "new.jsonl", ["the moon", "a kite"])
-    v2 = replace(cfg, iterations=1, prompts=str(new), sample_from=str(tmp / "v1"), previous=str(tmp / "v1" / "iter_1" / "kept.jsonl"),
+    v2 = replace(cfg, iterations=1, prompts=str(new), init_from=str(tmp / "v1"), previous=str(tmp / "v1" / "iter_1" / "kept.jsonl"),
                  out=str(tmp / "v2"))
     rejection(v2)
     kept1 = [json.loads(l) for l in (tmp / "v1" / "iter_1" / "kept.jsonl").read_text().splitlines()]
@@ -109,4 +109,30 @@ def test_a_later_version_samples_new_prompts_and_keeps_the_earlier_best(setup, w
     fresh = float(torch.sigmoid(rm.score([r["dialog"][:-1]], [r["dialog"][-1]["content"]]))[0])
     assert next(k["score"] for k in kept2 if k["dialog"] == r["dialog"]) == pytest.approx(fresh, abs=1e-5)
     started = json.loads((tmp / "v2" / "iter_1" / "model" / "sft_config.json").read_text())["init_from"]
-    assert started == str(tmp / "policy")
+    assert started == str(tmp / "v1")  # version 2 fine-tunes the latest model, version 1's
+
+
+def test_a_reward_function_scores_in_place_of_the_reward_models(setup):
+    """The oracle run's hook: any (dialogs, answers, is-safety) -> R_c in (0, 1) picks the kept answers, no reward
+    model needed; a scorer that prefers longer answers keeps the longest of each prompt's samples."""
+    from dataclasses import replace
+
+    cfg, tmp = setup
+    calls = []
+
+    def longer_is_better(dialogs, texts, safety):
+        calls.append(len(texts))
+        return torch.tensor([min(len(t), 50) / 51 + 0.01 for t in texts])
+
+    cfg = replace(cfg, reward_helpfulness="", iterations=1, out=str(tmp / "oracle"))
+    rejection(cfg, reward_fn=longer_is_better)
+    assert calls and calls[0] == 5 * 4
+    samples = [json.loads(l) for l in (tmp / "oracle" / "iter_1" / "samples.jsonl").read_text().splitlines()]
+    kept = {json.loads(l)["id"]: json.loads(l) for l in (tmp / "oracle" / "iter_1" / "kept.jsonl").read_text().splitlines()}
+    for s in samples:
+        texts = [x["text"] for x in s["samples"] if x["text"]]
+        if texts:
+            assert len(kept[s["id"]]["dialog"][-1]["content"]) == max(min(len(t), 50) for t in texts) or \
+                len(kept[s["id"]]["dialog"][-1]["content"]) >= 50
+    with pytest.raises(ValueError, match="reward_helpfulness"):
+        rejection(replace(cfg, out=str(tmp / "none")))  # neither reward models nor a function
